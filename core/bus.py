@@ -1,0 +1,246 @@
+"""The bus wire: the only module that imports zmq.
+
+Every process talks to the sys broker: a ROUTER socket that sys binds; units and clients connect DEALER
+sockets to it (the Majordomo shape). A message is one msgpack frame, plus one raw frame when it carries
+binary data (PCM) so audio is never base64-encoded inside the bus.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+# Heartbeat constants live together (zguide mdbroker): defaults of bus.heartbeat_s / bus.liveness_s.
+HEARTBEAT_S = 1.0
+LIVENESS_S = 5.0
+# How long a peer that vanished (ipc disconnect) may take to answer a liveness probe.
+PROBE_GRACE_S = 0.3
+
+Route = list  # [client identity (bytes), tag (int), conn (int)]
+Owner = list  # [client identity (bytes), conn (int)]
+
+
+class Message:
+    """Base of the typed bus messages; each subclass names its wire type in `kind`."""
+    kind: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type["Message"]]] = {}
+    binary: bytes | None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        Message.registry[cls.kind] = cls
+
+    def encode(self) -> list[bytes]:
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "binary"}
+        body["t"] = self.kind
+        frames = [msgpack.packb(body, use_bin_type=True)]
+        if getattr(self, "binary", None) is not None:
+            frames.append(self.binary)
+        return frames
+
+    @staticmethod
+    def decode(frames: list[bytes]) -> "Message":
+        body = msgpack.unpackb(frames[0], raw=False)
+        cls = Message.registry[body.pop("t")]
+        if len(frames) > 1:
+            body["binary"] = frames[1]
+        return cls(**body)
+
+
+@dataclass
+class Hello(Message):
+    """A peer announces itself. Units list the names they serve and their actions."""
+    kind: ClassVar[str] = "hello"
+    role: str  # "unit" or "client"
+    name: str
+    names: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    version: str = ""
+    features: list[str] = field(default_factory=list)
+    pid: int = field(default_factory=os.getpid)
+    binary: bytes | None = None
+
+
+@dataclass
+class Heartbeat(Message):
+    kind: ClassVar[str] = "hb"
+    binary: bytes | None = None
+
+
+@dataclass
+class Req(Message):
+    """A client request. sys adds `route` (who asked), `assigned` (setup's new work_id) and `ctx`."""
+    kind: ClassVar[str] = "req"
+    tag: int
+    conn: int
+    request: dict
+    route: list | None = None
+    assigned: str | None = None
+    ctx: dict | None = None
+    binary: bytes | None = None
+
+
+@dataclass
+class Msg(Message):
+    """A reply or output.
+
+    unit -> sys: `route` for a request's answer, or `owner` for a chain output; `publish` names the
+    work_id under which linked tasks receive it; `final` ends the request (a final Msg may carry no
+    response, when a request ends silently, e.g. an inference with enoutput off).
+    sys -> client: `tag` and `conn` say which request and connection it belongs to.
+    """
+    kind: ClassVar[str] = "msg"
+    response: dict | None = None
+    route: list | None = None
+    owner: list | None = None
+    publish: str | None = None
+    final: bool = False
+    tag: int | None = None
+    conn: int | None = None
+    binary: bytes | None = None
+
+
+@dataclass
+class Chain(Message):
+    """sys -> unit: an output of `src` delivered to the linked downstream tasks `dst`."""
+    kind: ClassVar[str] = "chain"
+    src: str
+    dst: list[str]
+    response: dict | None = None
+    binary: bytes | None = None
+
+
+@dataclass
+class TaskEvent(Message):
+    """unit -> sys: a task came up (or changed) or went down; sys -> units: a task went down."""
+    kind: ClassVar[str] = "task"
+    op: str  # "up" or "down"
+    work_id: str
+    info: dict = field(default_factory=dict)
+    subscribe: list[str] = field(default_factory=list)
+    binary: bytes | None = None
+
+
+@dataclass
+class Gone(Message):
+    """A client connection (or, with conn None, a whole client) went away."""
+    kind: ClassVar[str] = "gone"
+    client: bytes = b""
+    conn: int | None = None
+    binary: bytes | None = None
+
+
+@dataclass
+class Control(Message):
+    """sys <-> peers housekeeping: reset, uartsetup, UART notices, and their acknowledgements."""
+    kind: ClassVar[str] = "ctl"
+    op: str
+    data: Any = None
+    binary: bytes | None = None
+
+
+class Context:
+    """A zmq.asyncio context whose sockets all close with linger 0."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+
+    def router(self, endpoint: str) -> "RouterSocket":
+        return RouterSocket(self.ctx, endpoint)
+
+    def dealer(self, endpoint: str) -> "DealerSocket":
+        return DealerSocket(self.ctx, endpoint)
+
+    def term(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+class RouterSocket:
+    """sys's socket. Sends to a peer that has gone raise PeerGone (ROUTER_MANDATORY)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str):
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 100000)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            if os.path.exists(path):
+                os.unlink(path)
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        # Sends go through a synchronous shadow so a gone peer raises here, not in a discarded future.
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    async def recv(self) -> tuple[bytes, Message]:
+        frames = await self.sock.recv_multipart(copy=True)
+        return frames[0], Message.decode(frames[1:])
+
+    def send(self, identity: bytes, message: Message) -> None:
+        try:
+            self._sync.send_multipart([identity, *message.encode()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise PeerGone(identity) from None
+            raise
+
+    async def disconnected(self) -> None:
+        """Wait for the next peer disconnection (kill -9 of a unit shows here at once on ipc)."""
+        await self._monitor.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class PeerGone(Exception):
+    def __init__(self, identity: bytes):
+        super().__init__(identity)
+        self.identity = identity
+
+
+class DealerSocket:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100000)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
+
+    async def recv(self) -> Message:
+        return Message.decode(await self.sock.recv_multipart(copy=True))
+
+    def send(self, message: Message) -> None:
+        """Queue a message; if sys is unreachable for so long that the queue is full, it is dropped."""
+        try:
+            self._sync.send_multipart(message.encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.error("bus send queue full: %s dropped", type(message).__name__)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+async def wait_first(*aws) -> None:
+    """Run coroutines until the first one finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            t.result()
+    finally:
+        for t in tasks:
+            t.cancel()

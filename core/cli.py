@@ -1,0 +1,248 @@
+"""The `unitbus` command: up, call, run, models, install-systemd."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from core import logs
+from core.settings import Settings, SettingsError, parse_assignments
+
+log = logging.getLogger("unitbus")
+
+SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service")
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
+    overrides = parse_assignments(args.set)
+    if getattr(args, "units", None):
+        overrides["up.units"] = args.units
+    if getattr(args, "port", None):
+        overrides["tcp.port"] = str(args.port)
+    if getattr(args, "run_dir", None):
+        overrides["bus.run_dir"] = args.run_dir
+    return Settings.load(args.config, overrides), overrides
+
+
+# up --------------------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from core.supervisor import Supervisor, plan
+
+    settings, overrides = _settings(args)
+    logs.configure(settings["log.level"], "up")
+    children = plan(settings)
+
+    async def announce_ready() -> None:
+        from core.client import BusClient
+
+        units = [c.name for c in children if c.module.startswith("units.")]
+        async with BusClient(settings.bus_endpoint(), name="up") as client:
+            for _ in range(int(float(settings["timeouts.setup_s"]) * 10)):
+                try:
+                    response = await client.call("sys", "version2", timeout=1.0)
+                    registered = {v.split("-")[0][len("llm_"):] for v in response.data}
+                    if all(u in registered for u in units):
+                        break
+                except Exception:  # sys still starting: keep asking
+                    pass
+                await asyncio.sleep(0.1)
+        where = f"tcp {settings['tcp.bind']}:{settings['tcp.port']}" if settings["tcp.enabled"] else "no tcp"
+        print(f"unitbus up: sys on {settings.bus_endpoint()}, bridge on {where}, units: {' '.join(units) or 'none'}",
+              flush=True)
+
+    return asyncio.run(Supervisor(children, overrides, args.config).run(announce_ready))
+
+
+# call ------------------------------------------------------------------------------------------
+def cmd_call(args: argparse.Namespace) -> int:
+    from core.client import BusClient
+    from core.envelope import EnvelopeError, decode_request
+
+    settings, _ = _settings(args)
+    logs.configure("WARNING")
+    if args.request.lstrip().startswith("{"):
+        raw = args.request.encode()
+    else:
+        work_id, _, action = args.request.partition(".") if args.action is None else (args.request, "", args.action)
+        if not action:
+            print("unitbus call: give a JSON request, or WORK_ID ACTION", file=sys.stderr)
+            return 2
+        body: dict[str, Any] = {"request_id": "cli", "work_id": work_id, "action": action}
+        if args.object:
+            body["object"] = args.object
+        if args.data is not None:
+            try:
+                body["data"] = json.loads(args.data)
+            except ValueError:
+                body["data"] = args.data
+        raw = json.dumps(body).encode()
+    try:
+        request = decode_request(raw)
+    except EnvelopeError as exc:
+        print(f"unitbus call: not a valid request: {exc.message}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        code = 0
+        async with BusClient(settings.bus_endpoint(), name="cli") as client:
+            try:
+                async for response in client.stream(request, conn=client.open_conn(), timeout=args.timeout):
+                    if args.pretty:
+                        print(json.dumps(response.to_dict(), ensure_ascii=False, indent=2, sort_keys=True))
+                    else:
+                        sys.stdout.buffer.write(response.encode())
+                    sys.stdout.flush()
+                    code = code or (1 if response.code else 0)
+                    if request.action == "setup" or (request.action != "inference" and not _is_stream(response)):
+                        break
+            except asyncio.TimeoutError:
+                print(f"unitbus call: no answer within {args.timeout:g} s (is `unitbus up` running?)", file=sys.stderr)
+                return 3
+        return code
+
+    return asyncio.run(run())
+
+
+def _is_stream(response: Any) -> bool:
+    return isinstance(response.data, dict) and "finish" in response.data and not response.data["finish"]
+
+
+# run -------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one process in the foreground (what the systemd units start)."""
+    import runpy
+
+    module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http"}.get(args.process)
+    if module is None:
+        module = f"units.{args.process}"
+    sys.argv = [module, *(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), [])]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+# models ----------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from core.manifest import ManifestStore
+
+    settings, _ = _settings(args)
+    logs.configure("INFO")
+    store = ManifestStore(settings)
+    if args.models_command == "list":
+        for manifest in store.all():
+            print(f"{manifest.mode:32} {manifest.type:5} {manifest.data.get('license', '')}")
+        return 0
+    manifest = next((m for m in store.all() if m.mode == args.name or args.name in m.aliases), None)
+    if manifest is None:
+        print(f"unitbus models convert: no manifest named {args.name} (see `unitbus models list`)", file=sys.stderr)
+        return 2
+    converters = {"llm": "models.gguf_llama", "asr": "models.whisper_ct2"}
+    module_name = converters.get(manifest.type)
+    if module_name is None:
+        print(f"{manifest.mode}: runs its files directly, nothing to convert")
+        return 0
+    import importlib
+
+    module = importlib.import_module(module_name)
+    path = module.convert_manifest(manifest.data, force=args.force)
+    print(f"{manifest.mode}: converted into {path}")
+    return 0
+
+
+# systemd ---------------------------------------------------------------------------------------
+def systemd_source_dir() -> Path:
+    for candidate in (Path(__file__).resolve().parent.parent / "systemd", Path(sys.prefix) / "share/unitbus/systemd"):
+        if (candidate / SERVICES[0]).is_file():
+            return candidate
+    raise FileNotFoundError("the systemd unit files are not installed")
+
+
+def render_services(target: Path, executable: str) -> list[Path]:
+    """Copy the unit files into `target`, pointing ExecStart at this installation's `unitbus`."""
+    source = systemd_source_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SERVICES:
+        text = (source / name).read_text().replace("/usr/local/bin/unitbus", executable)
+        path = target / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    executable = args.executable or shutil.which("unitbus") or os.path.abspath(sys.argv[0])
+    written = render_services(Path(args.target), executable)
+    for path in written:
+        print(f"installed {path}")
+    if args.enable and shutil.which("systemctl"):
+        import subprocess
+
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        units = ["unitbus-sys.service", "unitbus-bridge.service"] + [f"unitbus-unit@{u}.service" for u in args.units]
+        subprocess.run(["systemctl", "enable", "--now", *units], check=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unitbus", description="AI units on a bus, StackFlow-compatible")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="path of unitbus.toml (default /etc/unitbus/unitbus.toml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+        p.add_argument("--run-dir", help="folder for the bus sockets (bus.run_dir)")
+
+    up = sub.add_parser("up", help="run sys, the bridge and the units until Ctrl-C")
+    common(up)
+    up.add_argument("--units", nargs="*", help="units to start (default: up.units)")
+    up.add_argument("--port", type=int, help="TCP port of the StackFlow bridge (tcp.port)")
+    up.set_defaults(func=cmd_up)
+
+    call = sub.add_parser("call", help="send one request and print the replies")
+    common(call)
+    call.add_argument("request", help='a JSON request, or a work_id such as "sys" followed by an action')
+    call.add_argument("action", nargs="?", help="the action, when a work_id was given")
+    call.add_argument("--data", help="data (JSON, or plain text)")
+    call.add_argument("--object", help="object type of data")
+    call.add_argument("--pretty", action="store_true", help="indent the JSON")
+    call.add_argument("--timeout", type=float, default=130.0, help="seconds to wait for each message")
+    call.set_defaults(func=cmd_call)
+
+    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http or a unit name")
+    common(run)
+    run.add_argument("process")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="list manifests or convert a model")
+    common(models)
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list")
+    convert = models_sub.add_parser("convert")
+    convert.add_argument("name")
+    convert.add_argument("--force", action="store_true", help="convert again even if cached")
+    models.set_defaults(func=cmd_models)
+
+    systemd = sub.add_parser("install-systemd", help="install the systemd unit files")
+    systemd.add_argument("--target", default="/etc/systemd/system")
+    systemd.add_argument("--executable", help="path of the unitbus command for ExecStart")
+    systemd.add_argument("--enable", action="store_true", help="daemon-reload and enable --now")
+    systemd.add_argument("--units", nargs="*", default=["llm", "asr", "kws", "vad", "tts", "audio"])
+    systemd.set_defaults(func=cmd_install_systemd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except SettingsError as exc:
+        print(f"unitbus: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

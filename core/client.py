@@ -1,0 +1,185 @@
+"""BusClient: how bridges, gateways, the CLI and tests talk to sys.
+
+One DEALER socket per client process. Every request gets a tag; replies and outputs come back tagged
+with it. Connections (`conn`) stand for the client's own users (one per TCP connection, one for the
+UART): a connection's sink receives its chain outputs and anything not awaited through request()/stream().
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from core import bus
+from core.envelope import Request, Response, error_reply
+from core.errors import ErrorCode, UnitError
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Response, bool], None]  # (response, final)
+ControlHandler = Callable[[bus.Control], None]
+
+
+class BusClient:
+    def __init__(self, endpoint: str, name: str = "client", features: tuple[str, ...] = (),
+                 heartbeat_s: float = bus.HEARTBEAT_S, liveness_s: float = bus.LIVENESS_S):
+        self.endpoint = endpoint
+        self.name = name
+        self.features = list(features)
+        self.heartbeat_s = heartbeat_s
+        self.liveness_s = liveness_s
+        self._ctx = bus.Context()
+        self._sock: bus.DealerSocket | None = None
+        self._tags = itertools.count(1)
+        self._conns = itertools.count(1)
+        self._waiters: dict[int, asyncio.Queue] = {}
+        self._pending: dict[int, tuple[int, Request]] = {}  # tag -> (conn, request) until final
+        self._sinks: dict[int, Sink] = {}
+        self.on_control: ControlHandler | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._last_seen = time.monotonic()
+
+    async def start(self) -> "BusClient":
+        self._connect()
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
+        return self
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._ctx.dealer(self.endpoint)
+        self._sock.send(bus.Hello(role="client", name=self.name, features=self.features))
+        self._last_seen = time.monotonic()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._ctx.term()
+
+    async def __aenter__(self) -> "BusClient":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # connections -------------------------------------------------------------------------------
+    def open_conn(self, sink: Sink | None = None) -> int:
+        conn = next(self._conns)
+        if sink is not None:
+            self._sinks[conn] = sink
+        return conn
+
+    def close_conn(self, conn: int) -> None:
+        """Tell sys the connection is gone: its inferences stop and its tasks lose their owner."""
+        self._sinks.pop(conn, None)
+        for tag, (c, _) in list(self._pending.items()):
+            if c == conn:
+                self._pending.pop(tag, None)
+                self._waiters.pop(tag, None)
+        if self._sock is not None:
+            self._sock.send(bus.Gone(conn=conn))
+
+    # requests ----------------------------------------------------------------------------------
+    def submit(self, request: Request, conn: int = 0, binary: bytes | None = None) -> int:
+        """Send without waiting; everything it produces goes to the connection's sink."""
+        tag = next(self._tags)
+        self._pending[tag] = (conn, request)
+        assert self._sock is not None, "BusClient.start() first"
+        self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
+        return tag
+
+    async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Response]:
+        """Every message the request produces, until the final one."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tag = next(self._tags)
+        self._waiters[tag] = queue
+        self._pending[tag] = (conn, request)
+        try:
+            assert self._sock is not None, "BusClient.start() first"
+            self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
+            while True:
+                response, final = await asyncio.wait_for(queue.get(), timeout)
+                if response is not None:
+                    yield response
+                if final:
+                    return
+        finally:
+            self._waiters.pop(tag, None)
+            self._pending.pop(tag, None)
+
+    async def request(self, request: Request, conn: int = 0, binary: bytes | None = None,
+                      timeout: float | None = 30.0) -> Response | None:
+        """The first message of a request (a control reply); None when it ended without one."""
+        async for response in self.stream(request, conn, binary, timeout):
+            return response
+        return None
+
+    async def call(self, work_id: str, action: str, data=None, object: str = "None", request_id: str = "0",
+                   conn: int = 0, timeout: float | None = 30.0) -> Response:
+        """request() for code: raises UnitError when the answer is an error."""
+        request = Request(request_id, work_id, action, object, "None" if data is None else data)
+        response = await self.request(request, conn, timeout=timeout)
+        if response is None:
+            raise UnitError(ErrorCode.UNIT_CALL, f"{work_id}.{action} ended without a reply")
+        if response.code != 0:
+            raise UnitError(ErrorCode(response.code) if response.code in ErrorCode._value2member_map_
+                            else ErrorCode.UNIT_CALL, message=response.message)
+        return response
+
+    # receiving ---------------------------------------------------------------------------------
+    async def _receive(self) -> None:
+        while True:
+            assert self._sock is not None
+            sock = self._sock
+            try:
+                message = await sock.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed frame from the bus must not stop the client
+                log.exception("bad bus message")
+                continue
+            self._last_seen = time.monotonic()
+            if isinstance(message, bus.Msg):
+                self._deliver(message)
+            elif isinstance(message, bus.Control):
+                if self.on_control is not None:
+                    self.on_control(message)
+            elif isinstance(message, bus.Hello):
+                # sys restarted and does not know us: say hello again.
+                sock.send(bus.Hello(role="client", name=self.name, features=self.features))
+
+    def _deliver(self, message: bus.Msg) -> None:
+        response = Response.from_dict(message.response) if message.response is not None else None
+        if message.tag is not None and message.final:
+            self._pending.pop(message.tag, None)
+        waiter = self._waiters.get(message.tag) if message.tag is not None else None
+        if waiter is not None:
+            waiter.put_nowait((response, message.final))
+            return
+        sink = self._sinks.get(message.conn) if message.conn is not None else None
+        if sink is not None and response is not None:
+            sink(response, message.final)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            assert self._sock is not None
+            self._sock.send(bus.Heartbeat())
+            if time.monotonic() - self._last_seen > self.liveness_s:
+                log.warning("sys silent for %.1f s: failing pending requests and reconnecting", self.liveness_s)
+                self._fail_pending("sys is not answering")
+                self._connect()
+
+    def _fail_pending(self, why: str) -> None:
+        for tag, (conn, request) in list(self._pending.items()):
+            work_id = request.work_id if request.action != "setup" else request.work_id.split(".")[0]
+            failure = error_reply(request.request_id, work_id, ErrorCode.UNIT_CALL, why)
+            self._deliver(bus.Msg(response=failure.to_dict(), final=True, tag=tag, conn=conn))
+        self._pending.clear()

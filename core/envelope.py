@@ -1,0 +1,192 @@
+"""The StackFlow envelope: requests in, replies and outputs out, byte-identical to StackFlow (spec §4).
+
+This is the only module that shapes a reply. Bridges turn bytes into `Request` with `decode_request` and
+`Response` into bytes with `Response.encode`; units and sys build `Response` objects with the helpers below.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ErrorCode, UnitError
+
+NONE = "None"  # StackFlow writes the string "None" for absent object/data
+
+
+def _replace_with_fffd(err: UnicodeError):
+    # Lone surrogates (from "\ud800" in a request) must never reach the wire as invalid UTF-8.
+    return ("\ufffd", err.end)
+
+
+codecs.register_error("unitbus-fffd", _replace_with_fffd)
+
+
+@dataclass
+class Request:
+    request_id: str
+    work_id: str
+    action: str
+    object: str = NONE
+    data: Any = NONE
+    token: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return self.work_id.split(".", 1)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"request_id": self.request_id, "work_id": self.work_id, "action": self.action,
+               "object": self.object, "data": self.data}
+        if self.token is not None:
+            out["token"] = self.token
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Request":
+        return cls(d["request_id"], d["work_id"], d["action"], d.get("object", NONE), d.get("data", NONE),
+                   d.get("token"))
+
+    def encode(self) -> bytes:
+        """The JSON bytes a client would send (used by clients and tests)."""
+        return canonical_json(self.to_dict())
+
+
+@dataclass
+class Response:
+    request_id: str
+    work_id: str
+    object: str = NONE
+    data: Any = NONE
+    code: int = 0
+    message: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"created": self.created, "data": self.data,
+                "error": {"code": int(self.code), "message": self.message},
+                "object": self.object, "request_id": self.request_id, "work_id": self.work_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Response":
+        err = d.get("error") or {}
+        return cls(d["request_id"], d["work_id"], d.get("object", NONE), d.get("data", NONE),
+                   int(err.get("code", 0)), str(err.get("message", "")), int(d.get("created", 0)))
+
+    def encode(self, escape_braces: bool = False) -> bytes:
+        """Spec §4.3: sorted keys, no whitespace, raw UTF-8, one trailing newline."""
+        return canonical_json(self.to_dict(), escape_braces) + b"\n"
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Response":
+        return cls.from_dict(json.loads(raw))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def canonical_json(obj: Any, escape_braces: bool = False) -> bytes:
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    if escape_braces:
+        text = _escape_braces_in_strings(text)
+    return text.encode("utf-8", "unitbus-fffd")
+
+
+def _escape_braces_in_strings(text: str) -> str:
+    # MCU parsers count braces without string awareness; \u007b keeps the JSON value identical.
+    out = []
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            elif ch == "{":
+                out.append("\\u007b")
+                continue
+            elif ch == "}":
+                out.append("\\u007d")
+                continue
+        elif ch == '"':
+            in_string = True
+        out.append(ch)
+    return "".join(out)
+
+
+class EnvelopeError(UnitError):
+    """A frame that is not a valid request (dispatch steps 1 and 2); carries the request_id to echo."""
+
+    def __init__(self, request_id: str, detail: str | None = None):
+        super().__init__(ErrorCode.JSON_FORMAT, detail)
+        self.request_id = request_id
+
+
+def decode_request(frame: bytes) -> Request:
+    """Dispatch steps 1-3 of spec §6."""
+    try:
+        text = frame.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EnvelopeError("0") from None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise EnvelopeError("0") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeError("0")
+    request_id = obj.get("request_id")
+    echo = request_id if isinstance(request_id, str) else "0"
+    for key in ("request_id", "work_id", "action"):
+        if not isinstance(obj.get(key), str):
+            raise EnvelopeError(echo)
+    token = obj.get("token")
+    return Request(
+        request_id=obj["request_id"],
+        work_id=obj["work_id"] or "sys",
+        action=obj["action"],
+        object=obj["object"] if isinstance(obj.get("object"), str) else NONE,
+        data=obj.get("data", NONE),
+        token=token if isinstance(token, str) else None,
+    )
+
+
+def reply(req: Request, work_id: str | None = None, *, data: Any = NONE, object: str = NONE,
+          message: str = "") -> Response:
+    """A successful control reply (or data reply) to `req`."""
+    return Response(req.request_id, work_id or req.work_id, object, data, 0, message)
+
+
+def error_reply(request_id: str, work_id: str, error: UnitError | ErrorCode, detail: str | None = None) -> Response:
+    if not isinstance(error, UnitError):
+        error = UnitError(error, detail)
+    return Response(request_id, work_id, NONE, NONE, int(error.code), error.message)
+
+
+def stream_data(index: int, delta: Any, finish: bool, **extra: Any) -> dict[str, Any]:
+    """`data` of one stream chunk (spec §10.1)."""
+    data = {"delta": delta, "finish": finish, "index": index}
+    data.update(extra)
+    return data
+
+
+def is_stream_chunk(data: Any) -> bool:
+    return isinstance(data, dict) and "delta" in data

@@ -1,0 +1,208 @@
+"""One typed Settings: defaults < /etc/unitbus/unitbus.toml < environment < command line (spec §20).
+
+Keys are flat dotted names ("tcp.port"). The TOML file uses sections ([tcp] port = 10001). The
+environment form of a key is UNITBUS_ plus the key upper-cased with dots as underscores
+(UNITBUS_TCP_PORT); UNITBUS_OVERRIDES may hold a JSON object of keys, which is how `unitbus up` hands
+its command-line settings to the processes it starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+CONFIG_PATH = Path("/etc/unitbus/unitbus.toml")
+UNIT_NAMES = ("llm", "asr", "kws", "vad", "tts", "audio")
+
+DEFAULTS: dict[str, Any] = {
+    "tcp.enabled": True,
+    "tcp.port": 10001,
+    "tcp.bind": "127.0.0.1",
+    "tcp.max_connections": 16,
+    "tcp.cancel_on_disconnect": True,
+    "uart.enabled": "auto",
+    "uart.device": "/dev/ttyS1",
+    "uart.baud": 115200,
+    "uart.data_bits": 8,
+    "uart.parity": "n",
+    "uart.stop_bits": 1,
+    "uart.persist": False,
+    "framing.max_frame_bytes": 4 * MIB,
+    "framing.max_raw_bytes": 4 * MIB,
+    "framing.max_stream_bytes": 16 * MIB,
+    "framing.idle_reset_s": 5.0,
+    "framing.max_pending_bytes": 1 * MIB,
+    "framing.escape_braces": False,
+    "work_id.start": 1000,
+    "sys.allow": [],
+    "sys.token": "",
+    "sys.file_roots": [],
+    "sys.shell_timeout_s": 60.0,
+    "sys.api_version": "v1.6",
+    "sys.update_dir": "/mnt",
+    "sys.stream_chunk_chars": 1024,
+    "timeouts.control_s": 10.0,
+    "timeouts.setup_s": 120.0,
+    "timeouts.stream_idle_s": 60.0,
+    "bus.endpoint": "",
+    "bus.run_dir": "",
+    "bus.heartbeat_s": 1.0,
+    "bus.liveness_s": 5.0,
+    "llm.flush_ms": 0,
+    "asr.stream_style": "stackflow",
+    "audio.mute_capture_while_playing": True,
+    "models.data_dir": "/opt/unitbus/data/",
+    "models.manifest_dir": "/opt/unitbus/data/models/",
+    "models.etc_dir": "/etc/unitbus/models/",
+    "models.share_dir": "/usr/share/unitbus/models/",
+    "up.units": ["llm", "asr", "kws", "vad", "tts", "audio"],
+    "up.bridge": True,
+    "up.http": True,
+    "log.level": "INFO",
+}
+DEFAULTS.update({f"{name}.max_tasks": 2 if name == "llm" else 1 for name in UNIT_NAMES})
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert `value` to the type of `default`; strings from the environment or CLI are parsed."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise SettingsError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+        raise SettingsError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SettingsError(f"{key}: expected a number, got {value!r}")
+    if isinstance(default, list):
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = [v.strip() for v in value.split(",") if v.strip()]
+            value = parsed
+        if isinstance(value, list):
+            return value
+        raise SettingsError(f"{key}: expected a list, got {value!r}")
+    if isinstance(value, (bool, int, float)) and isinstance(default, str):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise SettingsError(f"{key}: expected text, got {value!r}")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def env_name(key: str) -> str:
+    return "UNITBUS_" + key.upper().replace(".", "_")
+
+
+class Settings:
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
+             environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = dict(DEFAULTS)
+        path = Path(config or environ.get("UNITBUS_CONFIG") or CONFIG_PATH)
+        if path.exists():
+            with open(path, "rb") as fh:
+                try:
+                    table = tomllib.load(fh)
+                except tomllib.TOMLDecodeError as exc:
+                    raise SettingsError(f"{path}: {exc}") from None
+            cls._apply(values, _flatten(table), str(path))
+        env_values = {key: environ[env_name(key)] for key in DEFAULTS if env_name(key) in environ}
+        if environ.get("UNITBUS_OVERRIDES"):
+            try:
+                env_values.update(json.loads(environ["UNITBUS_OVERRIDES"]))
+            except ValueError as exc:
+                raise SettingsError(f"UNITBUS_OVERRIDES: {exc}") from None
+        cls._apply(values, env_values, "environment")
+        if not isinstance(overrides, Mapping):
+            overrides = parse_assignments(overrides)
+        cls._apply(values, overrides, "command line")
+        return cls(values)
+
+    @staticmethod
+    def _apply(values: dict[str, Any], new: Mapping[str, Any], source: str) -> None:
+        for key, value in new.items():
+            if key in DEFAULTS:
+                values[key] = coerce(key, value, DEFAULTS[key])
+            elif key.endswith(".max_tasks"):
+                values[key] = coerce(key, value, 1)
+            else:
+                log.warning("%s: unknown setting %s ignored", source, key)
+
+    def run_dir(self) -> Path:
+        if self["bus.run_dir"]:
+            path = Path(self["bus.run_dir"])
+        elif os.access("/run", os.W_OK):
+            path = Path("/run/unitbus")
+        else:
+            path = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unitbus-{os.getuid()}") / "unitbus"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def bus_endpoint(self) -> str:
+        return self["bus.endpoint"] or f"ipc://{self.run_dir() / 'sys.sock'}"
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings from `--set`; values parsed later by coerce()."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SettingsError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out

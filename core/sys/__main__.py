@@ -1,0 +1,51 @@
+"""`python -m core.sys`: the sys broker process."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from core import logs, notify
+from core.settings import Settings
+from core.sys.broker import Broker
+
+log = logging.getLogger("core.sys")
+
+
+async def main_async(settings: Settings) -> int:
+    broker = Broker(settings)
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(broker.run())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await broker.ready.wait()
+    notify.ready(f"sys on {broker.endpoint}")
+    watchdog = asyncio.create_task(notify.watchdog_loop())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
+    notify.notify("STOPPING=1")
+    for task in (runner, watchdog, stopper):
+        task.cancel()
+    results = await asyncio.gather(runner, watchdog, stopper, return_exceptions=True)
+    failure = results[0]
+    if isinstance(failure, Exception) and not isinstance(failure, asyncio.CancelledError):
+        log.error("sys broker failed", exc_info=failure)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unitbus-sys", description="the unitbus sys broker")
+    parser.add_argument("--config", help="path of unitbus.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    settings = Settings.load(args.config, args.set)
+    logs.configure(settings["log.level"], "sys")
+    sys.exit(asyncio.run(main_async(settings)))
+
+
+if __name__ == "__main__":
+    main()

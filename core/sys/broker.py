@@ -1,0 +1,400 @@
+"""The sys broker: unit registry and heartbeats, work_id allocation, per-request routing, links (spec §5, §6).
+
+Modelled on the zguide Majordomo broker: explicit unit and client records, heartbeat constants in
+core.bus, and one dispatch step that pairs a request with a live unit or answers it at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from core import bus
+from core.envelope import Request, Response, error_reply
+from core.errors import ErrorCode, UnitError
+from core.ids import WorkId
+from core.settings import Settings
+from core.sys.links import LinkDirectory
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+PCM_SOURCE = "sys.pcm"
+
+
+@dataclass(eq=False)
+class UnitRecord:
+    identity: bytes
+    name: str
+    names: list[str]
+    actions: set[str]
+    version: str
+    features: list[str]
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class ClientRecord:
+    identity: bytes
+    name: str
+    features: list[str]
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    work_id: str
+    unit: UnitRecord
+    info: dict
+
+
+@dataclass
+class Origin:
+    """Who asked: where a reply goes."""
+    client: bytes
+    tag: int
+    conn: int
+
+
+@dataclass
+class Inflight:
+    origin: Origin
+    request: Request
+    unit: UnitRecord | None
+    timeout: float | None
+    error_work_id: str  # the work_id an error answer carries (bare unit name for setup, spec §4.4)
+    rewrite: dict[str, Any] | None = None  # unit_call: reply as sys, echoing the request's object
+    started: float = field(default_factory=time.monotonic)
+
+
+class Broker:
+    def __init__(self, settings: Settings):
+        from core.sys.actions import SysActions  # actions need the broker type; keep the import one-way
+
+        self.settings = settings
+        self.endpoint = settings.bus_endpoint()
+        self.heartbeat_s = float(settings["bus.heartbeat_s"])
+        self.liveness_s = float(settings["bus.liveness_s"])
+        self.units: dict[str, UnitRecord] = {}  # served name -> record
+        self.workers: dict[bytes, UnitRecord] = {}
+        self.clients: dict[bytes, ClientRecord] = {}
+        self.tasks: dict[str, TaskRecord] = {}
+        self.links = LinkDirectory()
+        self.inflight: dict[tuple[bytes, int], Inflight] = {}
+        self.next_number = int(settings["work_id.start"])
+        self.sys_actions = SysActions(self)
+        self.started = time.time()
+        self._ctx = bus.Context()
+        self.sock: bus.RouterSocket | None = None
+        self._background: set[asyncio.Task] = set()
+        self._pcm_subscribers = 0
+        self.ready = asyncio.Event()
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.sock = self._ctx.router(self.endpoint)
+        log.info("sys listening on %s", self.endpoint)
+        self.ready.set()
+        try:
+            await bus.wait_first(self._receive_loop(), self._timer_loop(), self._disconnect_loop())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._ctx.term()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # sending -----------------------------------------------------------------------------------
+    def send_to_client(self, identity: bytes, message: bus.Message) -> bool:
+        try:
+            assert self.sock is not None
+            self.sock.send(identity, message)
+            return True
+        except bus.PeerGone:
+            self._client_gone(identity)
+            return False
+
+    def send_to_unit(self, record: UnitRecord, message: bus.Message) -> bool:
+        try:
+            assert self.sock is not None
+            self.sock.send(record.identity, message)
+            return True
+        except bus.PeerGone:
+            self._unit_dead(record, f"unit {record.name} stopped responding")
+            return False
+
+    def answer(self, origin: Origin, response: Response | None, final: bool = True) -> None:
+        self.send_to_client(origin.client, bus.Msg(response=response.to_dict() if response else None,
+                                                   final=final, tag=origin.tag, conn=origin.conn))
+
+    def answer_error(self, origin: Origin, request: Request, code: ErrorCode, detail: str | None = None,
+                     work_id: str | None = None) -> None:
+        self.answer(origin, error_reply(request.request_id, work_id or request.work_id, code, detail))
+
+    # receiving ---------------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                identity, message = await self.sock.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("undecodable bus message dropped")
+                continue
+            try:
+                self.handle(identity, message)
+            except Exception:
+                log.exception("error while handling %s", type(message).__name__)
+
+    def handle(self, identity: bytes, message: bus.Message) -> None:
+        now = time.monotonic()
+        unit = self.workers.get(identity)
+        if unit is not None:
+            unit.last_seen = now
+        client = self.clients.get(identity)
+        if client is not None:
+            client.last_seen = now
+        if isinstance(message, bus.Hello):
+            self._hello(identity, message)
+        elif unit is None and client is None:
+            # A peer from before a sys restart: ask it to introduce itself again.
+            assert self.sock is not None
+            try:
+                self.sock.send(identity, bus.Hello(role="sys", name="sys"))
+            except bus.PeerGone:
+                pass
+        elif isinstance(message, bus.Heartbeat):
+            pass
+        elif isinstance(message, bus.Req):
+            self._request(identity, message)
+        elif isinstance(message, bus.Msg) and unit is not None:
+            self._unit_message(unit, message)
+        elif isinstance(message, bus.TaskEvent) and unit is not None:
+            self._task_event(unit, message)
+        elif isinstance(message, bus.Gone):
+            for record in set(self.workers.values()):
+                self.send_to_unit(record, bus.Gone(client=identity, conn=message.conn))
+        elif isinstance(message, bus.Control):
+            self.sys_actions.control_from_peer(identity, message)
+        else:
+            log.warning("unexpected %s from %r", type(message).__name__, identity)
+
+    def _hello(self, identity: bytes, hello: bus.Hello) -> None:
+        if hello.role == "unit":
+            for name in hello.names or [hello.name]:
+                old = self.units.get(name)
+                if old is not None and old.identity != identity:
+                    self._unit_dead(old, f"unit {old.name} was replaced by a new process")
+            record = UnitRecord(identity, hello.name, hello.names or [hello.name], set(hello.actions),
+                                hello.version, hello.features)
+            self.workers[identity] = record
+            for name in record.names:
+                self.units[name] = record
+            log.info("unit %s (%s) registered, pid %s", hello.name, ",".join(record.names), hello.pid)
+            self.send_to_unit(record, bus.Heartbeat())
+            if PCM_SOURCE in record.features:
+                self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: self._pcm_subscribers}))
+        else:
+            self.clients[identity] = ClientRecord(identity, hello.name, hello.features)
+            self.send_to_client(identity, bus.Heartbeat())
+
+    # dispatch (spec §6) ------------------------------------------------------------------------
+    def _request(self, identity: bytes, message: bus.Req) -> None:
+        origin = Origin(identity, message.tag, message.conn)
+        try:
+            request = Request.from_dict(message.request)
+        except (KeyError, TypeError):
+            self.answer(origin, error_reply("0", "sys", ErrorCode.JSON_FORMAT))
+            return
+        work_id = WorkId.parse(request.work_id)
+        if request.action == "inference":
+            task = self.tasks.get(request.work_id) if work_id and work_id.is_task else None
+            if task is None:
+                self.answer_error(origin, request, ErrorCode.INFERENCE_PUSH)
+                return
+            self._forward(origin, request, task.unit, None, message.binary)
+            return
+        if work_id is not None and work_id.unit == "sys":
+            self.sys_actions.dispatch(origin, request, message.binary)
+            return
+        record = self.units.get(work_id.unit) if work_id else None
+        if record is None:
+            self.answer_error(origin, request, ErrorCode.UNIT_CALL)
+            return
+        if request.action not in record.actions:
+            self.answer_error(origin, request, ErrorCode.NO_UNIT_ACTION)
+            return
+        assert work_id is not None
+        if request.action == "setup":
+            assigned = f"{work_id.unit}.{self.next_number}"
+            self.next_number += 1
+            self._forward(origin, request, record, float(self.settings["timeouts.setup_s"]), message.binary,
+                          assigned=assigned, error_work_id=work_id.unit)
+            return
+        if work_id.is_task and request.work_id not in self.tasks:
+            self.answer_error(origin, request, ErrorCode.UNIT_NOT_EXIST)
+            return
+        self._forward(origin, request, record, float(self.settings["timeouts.control_s"]), message.binary)
+
+    def _forward(self, origin: Origin, request: Request, record: UnitRecord, timeout: float | None,
+                 binary: bytes | None, assigned: str | None = None, error_work_id: str | None = None,
+                 rewrite: dict[str, Any] | None = None) -> None:
+        key = (origin.client, origin.tag)
+        self.inflight[key] = Inflight(origin, request, record, timeout, error_work_id or request.work_id, rewrite)
+        ctx = {"tasks": self.task_snapshot()} if request.action in ("setup", "link") else None
+        self.send_to_unit(record, bus.Req(tag=origin.tag, conn=origin.conn, request=request.to_dict(),
+                                          route=[origin.client, origin.tag, origin.conn], assigned=assigned,
+                                          ctx=ctx, binary=binary))
+
+    def task_snapshot(self) -> dict[str, dict]:
+        return {wid: {"unit": rec.unit.name, **rec.info} for wid, rec in self.tasks.items()}
+
+    # from units --------------------------------------------------------------------------------
+    def _unit_message(self, unit: UnitRecord, message: bus.Msg) -> None:
+        if message.route is not None:
+            key = (message.route[0], message.route[1])
+            entry = self.inflight.get(key)
+            if entry is not None and entry.unit is unit:
+                if message.final:
+                    del self.inflight[key]
+                if message.response is not None:
+                    response = message.response
+                    if entry.rewrite:
+                        response = {**response, **entry.rewrite}
+                    self.send_to_client(entry.origin.client, bus.Msg(response=response, final=message.final,
+                                                                     tag=entry.origin.tag, conn=entry.origin.conn))
+                elif message.final:
+                    self.send_to_client(entry.origin.client, bus.Msg(final=True, tag=entry.origin.tag,
+                                                                     conn=entry.origin.conn))
+        elif message.owner is not None and message.response is not None:
+            client, conn = message.owner
+            if client in self.clients:
+                self.send_to_client(client, bus.Msg(response=message.response, conn=conn))
+        if message.publish is not None:
+            self.publish(message.publish, message.response, message.binary)
+
+    def publish(self, source: str, response: dict | None, binary: bytes | None) -> None:
+        subscribers = self.links.subscribers(source)
+        if not subscribers:
+            return
+        by_unit: dict[bytes, list[str]] = {}
+        for work_id in subscribers:
+            task = self.tasks.get(work_id)
+            if task is not None:
+                by_unit.setdefault(task.unit.identity, []).append(work_id)
+        for identity, dst in by_unit.items():
+            record = self.workers.get(identity)
+            if record is not None:
+                self.send_to_unit(record, bus.Chain(src=source, dst=sorted(dst), response=response, binary=binary))
+
+    def _task_event(self, unit: UnitRecord, event: bus.TaskEvent) -> None:
+        if event.op == "up":
+            self.tasks[event.work_id] = TaskRecord(event.work_id, unit, event.info)
+            self.links.set_subscriptions(event.work_id, event.subscribe)
+        elif event.op == "down":
+            self._drop_task(event.work_id)
+        self._update_pcm_subscribers()
+
+    def _drop_task(self, work_id: str) -> None:
+        if self.tasks.pop(work_id, None) is None:
+            return
+        self.links.remove(work_id)
+        for record in set(self.workers.values()):
+            self.send_to_unit(record, bus.TaskEvent(op="down", work_id=work_id))
+
+    def _update_pcm_subscribers(self) -> None:
+        count = len(self.links.subscribers(PCM_SOURCE))
+        if count == self._pcm_subscribers:
+            return
+        self._pcm_subscribers = count
+        for record in set(self.workers.values()):
+            if PCM_SOURCE in record.features:
+                self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: count}))
+
+    # failures ----------------------------------------------------------------------------------
+    def _unit_dead(self, record: UnitRecord, why: str) -> None:
+        if self.workers.get(record.identity) is not record:
+            return
+        log.warning("%s: failing its requests and releasing its work_ids", why)
+        del self.workers[record.identity]
+        for name in record.names:
+            if self.units.get(name) is record:
+                del self.units[name]
+        for key, entry in list(self.inflight.items()):
+            if entry.unit is record:
+                del self.inflight[key]
+                self.answer(entry.origin, error_reply(entry.request.request_id, entry.error_work_id,
+                                                      ErrorCode.UNIT_CALL, why))
+        for work_id in [w for w, t in self.tasks.items() if t.unit is record]:
+            self._drop_task(work_id)
+        self._update_pcm_subscribers()
+
+    def _client_gone(self, identity: bytes) -> None:
+        if self.clients.pop(identity, None) is None:
+            return
+        log.info("client %r gone", identity)
+        for key in [k for k in self.inflight if k[0] == identity]:
+            del self.inflight[key]
+        for record in set(self.workers.values()):
+            self.send_to_unit(record, bus.Gone(client=identity, conn=None))
+
+    def cancel_all_inflight(self, detail: str) -> None:
+        for key, entry in list(self.inflight.items()):
+            if entry.unit is None:
+                continue
+            del self.inflight[key]
+            self.answer(entry.origin, error_reply(entry.request.request_id, entry.error_work_id,
+                                                  ErrorCode.CANCELLED, detail))
+
+    # timers ------------------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        last_beat = 0.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for key, entry in list(self.inflight.items()):
+                if entry.timeout is not None and now - entry.started > entry.timeout:
+                    del self.inflight[key]
+                    what = (f"model load exceeded {entry.timeout:g} s" if entry.request.action == "setup"
+                            else f"{entry.unit.name if entry.unit else 'sys'} did not answer "
+                                 f"{entry.request.action} within {entry.timeout:g} s")
+                    self.answer(entry.origin, error_reply(entry.request.request_id, entry.error_work_id,
+                                                          ErrorCode.TIMEOUT, what))
+            if now - last_beat >= self.heartbeat_s:
+                last_beat = now
+                self.probe_peers()
+            for record in list(self.workers.values()):
+                if now - record.last_seen > self.liveness_s:
+                    self._unit_dead(record, f"unit {record.name} stopped responding")
+            for identity, client in list(self.clients.items()):
+                if now - client.last_seen > self.liveness_s:
+                    self._client_gone(identity)
+
+    def probe_peers(self) -> None:
+        """A heartbeat to every peer; a send to a vanished peer fails at once (ROUTER_MANDATORY)."""
+        for record in list(self.workers.values()):
+            self.send_to_unit(record, bus.Heartbeat())
+        for identity in list(self.clients):
+            self.send_to_client(identity, bus.Heartbeat())
+
+    async def _disconnect_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            await self.sock.disconnected()
+            # The routing table forgets the peer shortly after the event: probe a few times.
+            for delay in (0.0, 0.05, 0.2, bus.PROBE_GRACE_S):
+                await asyncio.sleep(delay)
+                self.probe_peers()

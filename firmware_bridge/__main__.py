@@ -1,0 +1,59 @@
+"""`python -m firmware_bridge`: the StackFlow bridge (TCP 10001 and the UART) as one bus client."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from core import logs, notify
+from core.client import BusClient
+from core.settings import Settings
+from firmware_bridge.tcp import TcpServer
+from firmware_bridge.uart import UartBridge
+
+log = logging.getLogger(__name__)
+
+
+async def main_async(settings: Settings, uart_device: str | None) -> None:
+    use_uart = uart_device is not None or UartBridge.wanted(settings)
+    client = BusClient(settings.bus_endpoint(), name="bridge", features=("uart",) if use_uart else (),
+                       heartbeat_s=float(settings["bus.heartbeat_s"]), liveness_s=float(settings["bus.liveness_s"]))
+    await client.start()
+    parts: list = []
+    if settings["tcp.enabled"]:
+        tcp = TcpServer(client, settings)
+        await tcp.start()
+        parts.append(tcp)
+    if use_uart:
+        uart = UartBridge(client, settings, uart_device)
+        await uart.start()
+        client.on_control = uart.on_control
+        parts.append(uart)
+    notify.ready("bridge listening")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(notify.watchdog_loop())
+    await stop.wait()
+    notify.notify("STOPPING=1")
+    watchdog.cancel()
+    for part in parts:
+        await part.close()
+    await client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unitbus-bridge", description="StackFlow over TCP and UART")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--uart", help="serial device (overrides uart.device and enables the UART)")
+    args = parser.parse_args(argv)
+    settings = Settings.load(args.config, args.set)
+    logs.configure(settings["log.level"], "bridge")
+    asyncio.run(main_async(settings, args.uart))
+
+
+if __name__ == "__main__":
+    main()
