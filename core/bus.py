@@ -178,8 +178,6 @@ class RouterSocket:
                 os.unlink(path)
         self.sock.bind(endpoint)
         self.endpoint = endpoint
-        # Sends go through a synchronous shadow so a gone peer raises here, not in a discarded future.
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     async def recv(self) -> tuple[bytes, Message]:
@@ -187,12 +185,14 @@ class RouterSocket:
         return frames[0], Message.decode(frames[1:])
 
     def send(self, identity: bytes, message: Message) -> None:
-        try:
-            self._sync.send_multipart([identity, *message.encode()], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise PeerGone(identity) from None
-            raise
+        sent = self.sock.send_multipart([identity, *message.encode()])
+        # The asyncio socket tries the send at once; a gone peer (ROUTER_MANDATORY) fails right here.
+        # (Sending through a synchronous shadow instead would hide read events from the asyncio poller.)
+        if sent.done() and sent.exception() is not None:
+            exc = sent.exception()
+            if isinstance(exc, zmq.ZMQError) and exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise PeerGone(identity)
+            raise exc
 
     async def disconnected(self) -> None:
         """Wait for the next peer disconnection (kill -9 of a unit shows here at once on ipc)."""
@@ -218,17 +218,15 @@ class DealerSocket:
         self.sock.setsockopt(zmq.RCVHWM, 100000)
         self.sock.connect(endpoint)
         self.endpoint = endpoint
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
 
     async def recv(self) -> Message:
         return Message.decode(await self.sock.recv_multipart(copy=True))
 
     def send(self, message: Message) -> None:
         """Queue a message; if sys is unreachable for so long that the queue is full, it is dropped."""
-        try:
-            self._sync.send_multipart(message.encode(), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.error("bus send queue full: %s dropped", type(message).__name__)
+        sent = self.sock.send_multipart(message.encode())
+        if sent.done() and sent.exception() is not None:
+            log.error("bus send failed (%s): %s dropped", sent.exception(), type(message).__name__)
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -52,11 +52,28 @@ def cmd_up(args: argparse.Namespace) -> int:
                 except Exception:  # sys still starting: keep asking
                     pass
                 await asyncio.sleep(0.1)
+        if settings["up.bridge"] and settings["tcp.enabled"]:
+            await wait_for_port(settings["tcp.bind"], int(settings["tcp.port"]), float(settings["timeouts.setup_s"]))
         where = f"tcp {settings['tcp.bind']}:{settings['tcp.port']}" if settings["tcp.enabled"] else "no tcp"
         print(f"unitbus up: sys on {settings.bus_endpoint()}, bridge on {where}, units: {' '.join(units) or 'none'}",
               flush=True)
 
     return asyncio.run(Supervisor(children, overrides, args.config).run(announce_ready))
+
+
+async def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return True
+    return False
 
 
 # call ------------------------------------------------------------------------------------------

@@ -438,13 +438,13 @@ class Unit:
             raise UnitError(ErrorCode.MODEL_LOADING, "required key model missing")
         manifest, note = self.manifests.resolve(model, name)
         defaults = {
-            "model": "", "response_format": self.default_response_format, "input": self.default_input,
+            "model": "", "response_format": self.default_response_format, "input": [self.default_input],
             "enoutput": self.default_enoutput, "progress": False, "exit_on_disconnect": False,
             "max_queue": self.max_queue_default, **self.defaults,
         }
         params = merge_params(defaults, manifest.params, data)
         params["model"] = model
-        inputs = params["input"] if isinstance(params["input"], list) else [params["input"]]
+        inputs = params["input"]
         if not all(isinstance(i, str) for i in inputs):
             raise UnitError(ErrorCode.JSON_FORMAT, "input: expected a string or a list of strings")
         task = Task(work_id=assigned, name=name, model=model, manifest=manifest, params=params,

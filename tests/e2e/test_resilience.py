@@ -1,0 +1,129 @@
+"""Crashes, many clients, reset: the bus keeps answering (spec §5.3, §7.4, §14.2)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from support import StackFlowClient
+
+pytestmark = pytest.mark.e2e
+
+
+def test_kill_9_of_a_unit_mid_request_answers_and_recovers(skel_stack):
+    with StackFlowClient(skel_stack.port) as c:
+        setup = {"request_id": "s1", "work_id": "skel", "action": "setup",
+                 "data": {"model": "skel", "response_format": "skel.utf-8.stream", "delay_ms": 200}}
+        work_id = c.request(setup)["work_id"]
+        c.send({"request_id": "slow", "work_id": work_id, "action": "inference", "object": "skel.utf-8",
+                "data": " ".join(["w"] * 100)})
+        assert c.read_for("slow")["data"]["finish"] is False
+        pid = skel_stack.pid_of("skel")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            message = c.read_for("slow", timeout=5)
+            if message["error"]["code"] != 0:
+                break
+        assert time.monotonic() - killed_at < 2.0
+        assert message["error"]["code"] == -9 and "stopped responding" in message["error"]["message"]
+        # Its work_ids are released: the task is gone.
+        gone = c.request({"request_id": "i", "work_id": work_id, "action": "inference", "object": "skel.utf-8", "data": "x"})
+        assert gone["error"]["code"] == -4
+        # `unitbus up` restarts it; a new setup works once it has registered again.
+        deadline = time.monotonic() + 30
+        while True:
+            reply = c.request({**setup, "request_id": "s2"})
+            if reply["error"]["code"] == 0 or time.monotonic() > deadline:
+                break
+            assert reply["error"]["code"] == -9
+            time.sleep(0.2)
+        assert reply["error"]["code"] == 0, reply
+        assert skel_stack.pid_of("skel") != pid
+        c.send({"request_id": "i2", "work_id": reply["work_id"], "action": "inference", "object": "skel.utf-8", "data": "ok"})
+        assert "".join(m["data"]["delta"] for m in c.stream("i2")) == "OK"
+
+
+def test_twenty_concurrent_clients_each_get_exactly_their_answers(stack_factory):
+    stack = stack_factory(["skel"], {"skel.max_tasks": "32", "tcp.max_connections": "32"})
+    failures: list[str] = []
+    rounds = 5
+
+    def client_loop(n: int) -> None:
+        try:
+            with StackFlowClient(stack.port, timeout=60) as c:
+                for r in range(rounds):
+                    setup = c.request({"request_id": f"c{n}-s{r}", "work_id": "skel", "action": "setup",
+                                       "data": {"model": "skel", "response_format": "skel.utf-8.stream"}})
+                    assert setup["error"]["code"] == 0, setup
+                    work_id = setup["work_id"]
+                    text = f"client {n} round {r} " + "x" * random.randint(0, 40)
+                    c.send({"request_id": f"c{n}-i{r}", "work_id": work_id, "action": "inference",
+                            "object": "skel.utf-8", "data": text})
+                    chunks = c.stream(f"c{n}-i{r}")
+                    assert "".join(m["data"]["delta"] for m in chunks) == text.upper()
+                    assert all(m["work_id"] == work_id for m in chunks)
+                    bye = c.request({"request_id": f"c{n}-e{r}", "work_id": work_id, "action": "exit"})
+                    assert bye["error"]["code"] == 0
+                c.expect_silence(0.3)
+                ids = [m for m in c.raw_lines]
+                seen: dict[str, int] = {}
+                import json
+                for line in ids:
+                    m = json.loads(line)
+                    if not isinstance(m["data"], dict):
+                        seen[m["request_id"]] = seen.get(m["request_id"], 0) + 1
+                    assert m["request_id"].startswith(f"c{n}-"), m  # never another client's message
+                expected = {f"c{n}-{k}{r}" for r in range(rounds) for k in "se"}
+                assert seen == {rid: 1 for rid in expected}, seen
+        except Exception as exc:  # collected and reported by the test thread
+            failures.append(f"client {n}: {exc!r} {c.raw_lines[-3:] if 'c' in dir() else ''}")
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+
+
+def test_reset_renumbers_and_drops_tasks(skel_stack):
+    with StackFlowClient(skel_stack.port) as c:
+        first = c.request({"request_id": "a", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        assert first["work_id"] == "skel.1000"
+        reset = c.request({"request_id": "sys_reset", "work_id": "sys", "action": "reset"})
+        assert reset["error"] == {"code": 0, "message": "llm server restarting ..."}
+        time.sleep(0.5)
+        assert c.request({"request_id": "l", "work_id": "sys", "action": "lstask"})["data"] == []
+        again = c.request({"request_id": "b", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        assert again["work_id"] == "skel.1000"
+
+
+def test_connection_limit_answers_minus_10(stack_factory):
+    stack = stack_factory(["skel"], {"tcp.max_connections": "2"})
+    with StackFlowClient(stack.port) as a, StackFlowClient(stack.port) as b:
+        assert a.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+        assert b.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+        with StackFlowClient(stack.port) as third:
+            refused = third.read()
+            assert refused["error"]["code"] == -10 and "too many connections" in refused["error"]["message"]
+
+
+def test_disconnect_cancels_the_running_generation(skel_stack):
+    with StackFlowClient(skel_stack.port) as owner:
+        work_id = owner.request({"request_id": "s", "work_id": "skel", "action": "setup",
+                                 "data": {"model": "skel", "response_format": "skel.utf-8.stream", "delay_ms": 100}})["work_id"]
+        with StackFlowClient(skel_stack.port) as other:
+            other.send({"request_id": "long", "work_id": work_id, "action": "inference", "object": "skel.utf-8",
+                        "data": " ".join(["w"] * 500)})
+            assert other.read_for("long")["data"]["finish"] is False
+        time.sleep(0.5)
+        # The task is free again at once: a new request is served without waiting for 500 words.
+        owner.send({"request_id": "next", "work_id": work_id, "action": "inference", "object": "skel.utf-8", "data": "hi"})
+        started = time.monotonic()
+        assert "".join(m["data"]["delta"] for m in owner.stream("next", timeout=10)) == "HI"
+        assert time.monotonic() - started < 5
