@@ -79,31 +79,27 @@ async def wait_for_port(host: str, port: int, timeout: float) -> bool:
 # call ------------------------------------------------------------------------------------------
 def cmd_call(args: argparse.Namespace) -> int:
     from core.client import BusClient
-    from core.envelope import EnvelopeError, decode_request
+    from core.envelope import EnvelopeError, Request, decode_request
 
     settings, _ = _settings(args)
     logs.configure("WARNING")
     if args.request.lstrip().startswith("{"):
-        raw = args.request.encode()
+        try:
+            request = decode_request(args.request.encode())
+        except EnvelopeError as exc:
+            print(f"unitbus call: not a valid request: {exc.message}", file=sys.stderr)
+            return 2
     else:
-        work_id, _, action = args.request.partition(".") if args.action is None else (args.request, "", args.action)
-        if not action:
+        if args.action is None:
             print("unitbus call: give a JSON request, or WORK_ID ACTION", file=sys.stderr)
             return 2
-        body: dict[str, Any] = {"request_id": "cli", "work_id": work_id, "action": action}
-        if args.object:
-            body["object"] = args.object
+        data: Any = "None"
         if args.data is not None:
             try:
-                body["data"] = json.loads(args.data)
+                data = json.loads(args.data)
             except ValueError:
-                body["data"] = args.data
-        raw = json.dumps(body).encode()
-    try:
-        request = decode_request(raw)
-    except EnvelopeError as exc:
-        print(f"unitbus call: not a valid request: {exc.message}", file=sys.stderr)
-        return 2
+                data = args.data
+        request = Request("cli", args.request, args.action, args.object or "None", data)
 
     async def run() -> int:
         code = 0

@@ -19,7 +19,8 @@ NONE = "None"  # StackFlow writes the string "None" for absent object/data
 
 def _replace_with_fffd(err: UnicodeError):
     # Lone surrogates (from "\ud800" in a request) must never reach the wire as invalid UTF-8.
-    return ("\ufffd", err.end)
+    # The UTF-8 encoder accepts only ASCII text or bytes from a handler, so give the bytes of U+FFFD.
+    return ("\ufffd".encode() * (err.end - err.start), err.end)
 
 
 codecs.register_error("unitbus-fffd", _replace_with_fffd)

@@ -1,0 +1,56 @@
+"""`unitbus call`, `unitbus install-systemd` and the unit files (spec §19)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def unitbus(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from core.cli import main; main()", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_call_prints_replies_and_streams(skel_stack):
+    run_dir = str(skel_stack.run_dir)
+    ping = unitbus("call", "--run-dir", run_dir, '{"request_id":"1","work_id":"sys","action":"ping"}')
+    assert ping.returncode == 0, ping.stderr
+    assert json.loads(ping.stdout)["error"]["code"] == 0
+    pretty = unitbus("call", "--run-dir", run_dir, "sys", "version", "--pretty")
+    assert json.loads(pretty.stdout)["data"] == "v1.6" and "\n  " in pretty.stdout
+    setup = unitbus("call", "--run-dir", run_dir, "skel", "setup", "--data",
+                    '{"model":"skel","response_format":"skel.utf-8.stream"}')
+    work_id = json.loads(setup.stdout)["work_id"]
+    stream = unitbus("call", "--run-dir", run_dir, work_id, "inference", "--object", "skel.utf-8", "--data", "two words")
+    chunks = [json.loads(line) for line in stream.stdout.splitlines()]
+    assert chunks[-1]["data"]["finish"] is True
+    assert "".join(c["data"]["delta"] for c in chunks) == "TWO WORDS"
+    failed = unitbus("call", "--run-dir", run_dir, "sys", "lsmod")
+    assert failed.returncode == 1 and json.loads(failed.stdout)["error"]["code"] == -3
+
+
+def test_call_without_a_stack_says_so(tmp_path):
+    result = unitbus("call", "--run-dir", str(tmp_path), "sys", "ping", "--timeout", "1")
+    assert result.returncode == 3 and "unitbus up" in result.stderr
+
+
+def test_systemd_units_verify_clean(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is required (apt-get install systemd)")
+    result = unitbus("install-systemd", "--target", str(tmp_path), "--executable", shutil.which("true") or "/bin/true")
+    assert result.returncode == 0, result.stderr
+    shutil.copy(tmp_path / "unitbus-unit@.service", tmp_path / "unitbus-unit@llm.service")
+    files = [str(tmp_path / n) for n in ("unitbus-sys.service", "unitbus-bridge.service", "unitbus-unit@llm.service")]
+    verify = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True)
+    assert verify.stderr == "", verify.stderr
+    text = (tmp_path / "unitbus-unit@llm.service").read_text()
+    for setting in ("Type=notify", "WatchdogSec=30", "Restart=always", "Requires=unitbus-sys.service",
+                    "PartOf=unitbus-sys.service", "NoNewPrivileges=yes"):
+        assert setting in text
