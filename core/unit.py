@@ -226,6 +226,14 @@ class Unit:
         if self.sock is not None:
             self.sock.send(message)
 
+    def publish(self, source: str, binary: bytes | None = None, data: Any = None) -> None:
+        """Thread-safe: publish under a source name with no task behind it (the audio unit's sys.pcm).
+
+        sys delivers it to the tasks subscribed to `source` and to units that declared the feature
+        `sink:<source>` (how tts hands audio to the audio unit's player)."""
+        response = None if data is None else Response("0", source, source, data).to_dict()
+        self.send_threadsafe(bus.Msg(response=response, publish=source, binary=binary))
+
     def chain_job(self, task: Task, source: str, payload: Any, object: str = NONE) -> Job:
         return Job(self, task, task.last_request_id, object, payload, route=None, source=source)
 
@@ -346,6 +354,9 @@ class Unit:
 
     def on_control(self, message: bus.Control) -> None:
         """Event loop: housekeeping from sys (e.g. the subscriber count of sys.pcm); override if needed."""
+
+    def on_sink(self, source: str, response: dict | None, binary: bytes | None) -> None:
+        """Event loop: something published under a source this unit declared as `sink:<source>`."""
 
     # requests ----------------------------------------------------------------------------------
     def _reply(self, route: list, response: Response | None, final: bool = True) -> None:
@@ -575,6 +586,12 @@ class Unit:
         return "".join(parts[i] for i in range(len(parts)))
 
     def _chain(self, message: bus.Chain) -> None:
+        if not message.dst:
+            try:
+                self.on_sink(message.src, message.response, message.binary)
+            except Exception:
+                log.exception("sink %s failed", message.src)
+            return
         for work_id in message.dst:
             task = self.tasks.get(work_id)
             if task is None or task.closed:

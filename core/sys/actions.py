@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -67,18 +68,27 @@ class SysActions:
                 self.broker.answer_error(origin, request, ErrorCode.UNAUTHORIZED)
                 return
         handler = getattr(self, "do_" + action)
-        self.broker.spawn(self._run(handler, origin, request, binary))
+        if asyncio.iscoroutinefunction(handler):
+            self.broker.spawn(self._run(handler, origin, request, binary))
+        else:  # quick answers (ping, version, ...) go out at once, without a task
+            with self._boundary(origin, request):
+                self._send_result(origin, handler(origin, request, binary))
 
     async def _run(self, handler, origin: "Origin", request: Request, binary: bytes | None) -> None:
+        with self._boundary(origin, request):
+            self._send_result(origin, await handler(origin, request, binary))
+
+    def _send_result(self, origin: "Origin", result: Response | None) -> None:
+        if isinstance(result, Response):
+            self.broker.answer(origin, result)
+
+    @contextlib.contextmanager
+    def _boundary(self, origin: "Origin", request: Request):
         """The error boundary of sys actions: every request ends with an answer."""
         try:
-            result = await handler(origin, request, binary)
-            if isinstance(result, Response):
-                self.broker.answer(origin, result)
+            yield
         except UnitError as exc:
             self.broker.answer(origin, error_reply(request.request_id, "sys", exc))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.exception("sys.%s failed", request.action)
             self.broker.answer(origin, error_reply(request.request_id, "sys", ErrorCode.OPERATION_FAILED, str(exc)))
@@ -88,14 +98,14 @@ class SysActions:
             self._reset_waiters[identity].set()
 
     # informational -----------------------------------------------------------------------------
-    async def do_ping(self, origin, request, binary) -> Response:
+    def do_ping(self, origin, request, binary) -> Response:
         return reply(request, "sys")
 
-    async def do_lsmode(self, origin, request, binary) -> Response:
+    def do_lsmode(self, origin, request, binary) -> Response:
         manifests = ManifestStore(self.settings).all()
         return reply(request, "sys", data=[m.data for m in manifests], object="sys.lsmode")
 
-    async def do_lstask(self, origin, request, binary) -> Response:
+    def do_lstask(self, origin, request, binary) -> Response:
         tasks = sorted(self.broker.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
         data = [{**t.info, "work_id": t.work_id} for t in tasks]
         return reply(request, "sys", data=data, object="sys.lstask")
@@ -105,17 +115,17 @@ class SysActions:
         data = {"cpu_loadavg": load, "eth_info": eth_info(), "mem": memory_percent(), "temperature": temperature()}
         return reply(request, "sys", data=data, object="sys.hwinfo")
 
-    async def do_cmminfo(self, origin, request, binary) -> Response:
+    def do_cmminfo(self, origin, request, binary) -> Response:
         total, available = meminfo_kib()
         data = {"remain": available, "total": total, "used": total - available}
         return reply(request, "sys", data=data, object="sys.cmminfo")
 
     do_axcl_cmminfo = do_cmminfo
 
-    async def do_version(self, origin, request, binary) -> Response:
+    def do_version(self, origin, request, binary) -> Response:
         return reply(request, "sys", data=self.settings["sys.api_version"], object="sys.utf-8")
 
-    async def do_version2(self, origin, request, binary) -> Response:
+    def do_version2(self, origin, request, binary) -> Response:
         versions = {f"llm_{r.name}-{r.version}" for r in self.broker.workers.values()}
         versions.add(f"llm_sys-{VERSION}")
         return reply(request, "sys", data=sorted(versions), object="sys.utf-8.stream")

@@ -287,6 +287,10 @@ class Broker:
             self.publish(message.publish, message.response, message.binary)
 
     def publish(self, source: str, response: dict | None, binary: bytes | None) -> None:
+        sink = f"sink:{source}"
+        for record in list(self.workers.values()):
+            if sink in record.features:
+                self.send_to_unit(record, bus.Chain(src=source, dst=[], response=response, binary=binary))
         subscribers = self.links.subscribers(source)
         if not subscribers:
             return

@@ -105,12 +105,29 @@ def test_reset_renumbers_and_drops_tasks(skel_stack):
 
 def test_connection_limit_answers_minus_10(stack_factory):
     stack = stack_factory(["skel"], {"tcp.max_connections": "2"})
-    with StackFlowClient(stack.port) as a, StackFlowClient(stack.port) as b:
-        assert a.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
-        assert b.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+    # `unitbus up` probed the port before announcing itself; wait until the bridge has let that go.
+    deadline = time.monotonic() + 10
+    while True:
+        a, b = StackFlowClient(stack.port), StackFlowClient(stack.port)
+        try:
+            if all(c.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0 for c in (a, b)):
+                break
+        except ConnectionError:
+            pass
+        a.close()
+        b.close()
+        assert time.monotonic() < deadline, "two connections were never accepted"
+        time.sleep(0.2)
+    try:
         with StackFlowClient(stack.port) as third:
             refused = third.read()
             assert refused["error"]["code"] == -10 and "too many connections" in refused["error"]["message"]
+            with pytest.raises(ConnectionError):
+                third.read(timeout=5)
+        assert a.request({"request_id": "2", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+    finally:
+        a.close()
+        b.close()
 
 
 def test_disconnect_cancels_the_running_generation(skel_stack):

@@ -1,0 +1,267 @@
+"""The llm unit (spec §16.1): StackFlow text generation plus the llm.chat_completion, llm.score and
+llm.embed extensions the HTTP gateways use. Protocol only: the model work is in engine.py."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from core.errors import ErrorCode, UnitError
+from core.unit import Job, Task, Unit
+from units.llm.engine import ContextOverflow, LlmEngine, load_llm
+from units.llm.sampler import Sampler, params_from_request
+
+log = logging.getLogger(__name__)
+
+RESET_WORD = "reset"
+RESET_ANSWER = "Context has been reset."
+# Request keys of llm.chat_completion that change sampling for one request (spec §11.3).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "penalty_window",
+                 "presence_penalty", "frequency_penalty", "penalty_decay", "seed", "logit_bias", "sampler")
+UNSUPPORTED_KEYS = ("format", "grammar", "images", "tools")
+
+
+class LlmUnit(Unit):
+    name = "llm"
+    names = ("llm",)
+    defaults: dict[str, Any] = {
+        "prompt": "",
+        "max_token_len": 127,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "repetition_penalty": 1.1,
+        "penalty_window": 64,
+        "seed": -1,
+        "stop": [],
+        "enable_temperature": True,
+        "enable_top_p_sampling": True,
+        "enable_top_k_sampling": True,
+        "enable_repetition_penalty": True,
+        "keep_context": False,
+        "context_overflow": "error",
+        "enkws": False,
+    }
+    default_input = "llm.utf-8"
+    default_response_format = "llm.utf-8.stream"
+    link_kinds = frozenset({"asr", "whisper", "kws"})
+    input_sources = frozenset({"llm"})
+
+    # setup -------------------------------------------------------------------------------------
+    def load(self, task: Task) -> None:
+        params = task.params
+        if params["context_overflow"] not in ("error", "reset"):
+            raise UnitError(ErrorCode.JSON_FORMAT, "context_overflow must be \"error\" or \"reset\"")
+        if params["max_token_len"] < 1:
+            raise UnitError(ErrorCode.JSON_FORMAT, "max_token_len must be at least 1")
+        progress = task.state.get("progress")
+        if progress:
+            progress(0)
+        key = ("llm", task.manifest.mode, str(params.get("gguf") or params.get("model_dir")))
+        try:
+            engine: LlmEngine = self.shared_model(key, lambda: load_llm(params))
+        except (OSError, ValueError, KeyError) as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        if progress:
+            progress(100)
+        task.state["engine"] = engine
+        task.state["history"] = []
+
+    # inputs ------------------------------------------------------------------------------------
+    def on_inference(self, job: Job) -> None:
+        kind = job.type
+        if kind.namespace == "llm" and kind.has("chat_completion"):
+            request = job.payload
+            if isinstance(request, str):  # the streamed form carries the JSON as text
+                try:
+                    request = json.loads(request)
+                except ValueError:
+                    raise UnitError(ErrorCode.JSON_FORMAT, "llm.chat_completion: data is not JSON") from None
+            if not isinstance(request, dict):
+                raise UnitError(ErrorCode.JSON_FORMAT, "llm.chat_completion: data must be an object")
+            self._chat_completion(job, request)
+        elif kind.namespace == "llm" and kind.has("score"):
+            self._score(job)
+        elif kind.namespace == "llm" and kind.has("embed"):
+            self._embed(job)
+        elif kind.has("base64") or kind.has("wav") or kind.has("pcm") or kind.has("jpeg"):
+            raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{job.object}: the llm takes text")
+        else:
+            if not isinstance(job.payload, str):
+                raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
+            self._user_text(job, job.payload)
+
+    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+        if task.upstream.get(source) != "kws":
+            return False
+        # Barge-in (spec §12.3): stop the running generation, drop prompts queued from asr; client
+        # inferences stay queued.
+        for queued in [j for j in task.queue if j.route is None]:
+            task.queue.remove(queued)
+        if task.current is not None:
+            task.current.cancel.set()
+        return True
+
+    def on_chain(self, job: Job) -> None:
+        data = (job.payload or {}).get("data") if isinstance(job.payload, dict) else None
+        if isinstance(data, dict):
+            if not data.get("finish"):
+                return  # a linked llm uses only the final transcript of each utterance
+            data = data.get("delta")
+        if isinstance(data, str) and data.strip():
+            self._user_text(job, data)
+
+    # generation --------------------------------------------------------------------------------
+    def _user_text(self, job: Job, text: str) -> None:
+        task = job.task
+        if task.params["keep_context"] and text.strip().lower() == RESET_WORD:
+            task.state["history"] = []
+            self._deliver_whole(job, RESET_ANSWER)
+            return
+        messages = [*task.state["history"], {"role": "user", "content": text}]
+        result = self._generate(job, messages, None, {}, extension=False)
+        if task.params["keep_context"] and result is not None:
+            task.state["history"] = [*messages, {"role": "assistant", "content": result}]
+
+    def _chat_completion(self, job: Job, request: dict[str, Any]) -> None:
+        task = job.task
+        for key in UNSUPPORTED_KEYS:
+            if request.get(key):
+                raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{key} not supported by {task.manifest.mode}")
+        context = request.get("context") or []
+        if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+            raise UnitError(ErrorCode.JSON_FORMAT, "context: expected a list of token ids")
+        if "messages" in request:
+            messages = request["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise UnitError(ErrorCode.JSON_FORMAT, "messages: expected a list of {role, content}")
+            raw_prompt = None
+        elif isinstance(request.get("prompt"), str):
+            messages = [{"role": "user", "content": request["prompt"]}]
+            raw_prompt = request["prompt"] if request.get("raw") else None
+        else:
+            raise UnitError(ErrorCode.JSON_FORMAT, "llm.chat_completion needs messages or prompt")
+        self._generate(job, messages, raw_prompt, request, extension=True, context=context)
+
+    def _generate(self, job: Job, messages: list[dict], raw_prompt: str | None, request: dict[str, Any],
+                  extension: bool, context: list[int] | None = None) -> str | None:
+        task = job.task
+        engine: LlmEngine = task.state["engine"]
+        params = task.params
+        max_new = request.get("max_tokens") or params["max_token_len"]
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+            raise UnitError(ErrorCode.JSON_FORMAT, "max_tokens: expected a positive integer")
+        stop = request.get("stop", params["stop"])
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise UnitError(ErrorCode.JSON_FORMAT, "stop: expected a list of strings")
+        finish_note = None
+        try:
+            prompt_text = raw_prompt if raw_prompt is not None else engine.chat_prompt(messages, params["prompt"] or None)
+        except (TypeError, ValueError) as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+        ids = list(context or []) + engine.encode(prompt_text)
+        if len(ids) + max_new > engine.context_length:
+            if params["keep_context"] and params["context_overflow"] == "reset" and task.state["history"]:
+                task.state["history"] = []
+                finish_note = "context_reset"
+                ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None))
+            if len(ids) + max_new > engine.context_length:
+                raise UnitError(ErrorCode.CONTEXT_EXCEEDED, f"prompt {len(ids)} tokens + max_token_len {max_new} "
+                                                            f"> context {engine.context_length}")
+        sampler = Sampler(self._sampling(params, request))
+        try:
+            generation = engine.generate(ids, sampler, max_new, stop=stop, cancel=job.cancel)
+        except ContextOverflow as exc:
+            raise UnitError(ErrorCode.CONTEXT_EXCEEDED, str(exc)) from None
+        except ValueError as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+        streaming = task.stream_output
+        with generation:
+            for delta in generation:
+                if streaming:
+                    job.stream(delta)
+        text = generation.text
+        extras: dict[str, Any] = {}
+        if extension:
+            usage = generation.usage
+            extras = {"finish_reason": finish_note or generation.finish_reason,
+                      "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                                "prompt_ms": round(usage.prompt_ms), "decode_ms": round(usage.decode_ms),
+                                "load_ms": 0}}
+            if request.get("return_tokens"):
+                extras["tokens"] = ids + generation.tokens
+        if streaming:
+            job.stream("", True, **extras)
+        elif extension:
+            job.emit({"text": text, **extras})
+        else:
+            job.emit(text)
+        return text if generation.finish_reason != "cancelled" else None
+
+    @staticmethod
+    def _sampling(params: dict[str, Any], request: dict[str, Any]):
+        values: dict[str, Any] = {
+            "temperature": params["temperature"] if params["enable_temperature"] else 1.0,
+            "top_p": params["top_p"] if params["enable_top_p_sampling"] else 1.0,
+            "top_k": params["top_k"] if params["enable_top_k_sampling"] else 0,
+            "repetition_penalty": params["repetition_penalty"] if params["enable_repetition_penalty"] else 1.0,
+            "penalty_window": params["penalty_window"],
+            "seed": params["seed"] if params["seed"] >= 0 else None,
+        }
+        values.update({k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None})
+        if isinstance(values.get("logit_bias"), dict):
+            try:
+                values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
+            except (TypeError, ValueError):
+                raise UnitError(ErrorCode.JSON_FORMAT, "logit_bias: token id -> number") from None
+        try:
+            return params_from_request(values)
+        except (TypeError, ValueError) as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+
+    def _deliver_whole(self, job: Job, text: str) -> None:
+        if job.task.stream_output:
+            job.stream(text)
+            job.stream("", True)
+        else:
+            job.emit(text)
+
+    # scoring and embeddings --------------------------------------------------------------------
+    def _score(self, job: Job) -> None:
+        request = job.payload
+        if not isinstance(request, dict) or not isinstance(request.get("input", ""), str) \
+                or not isinstance(request.get("choices"), list) or not request["choices"] \
+                or not all(isinstance(c, str) for c in request["choices"]):
+            raise UnitError(ErrorCode.JSON_FORMAT, "llm.score: {\"input\": text, \"choices\": [text, ...]}")
+        engine: LlmEngine = job.task.state["engine"]
+        results = []
+        for index, choice in enumerate(request["choices"]):
+            if job.cancelled:
+                return
+            try:
+                results.append({"index": index, "perplexity": engine.perplexity(request.get("input", ""), choice)})
+            except ValueError as exc:
+                raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+        job.emit(results, object="llm.score")
+
+    def _embed(self, job: Job) -> None:
+        request = job.payload
+        texts = request.get("input") if isinstance(request, dict) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        layer = request.get("layer", -1) if isinstance(request, dict) else -1
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) \
+                or not isinstance(layer, int) or isinstance(layer, bool):
+            raise UnitError(ErrorCode.JSON_FORMAT, "llm.embed: {\"input\": text or [text, ...], \"layer\": int}")
+        engine: LlmEngine = job.task.state["engine"]
+        vectors = []
+        for text in texts:
+            if job.cancelled:
+                return
+            try:
+                vectors.append([round(float(v), 6) for v in engine.embed(text, layer)])
+            except ValueError as exc:
+                raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+        job.emit(vectors, object="llm.embed")
