@@ -206,6 +206,10 @@ class Unit:
     def on_exit(self, task: Task) -> None:
         """Event loop: the task is going away; release what it holds."""
 
+    def describe(self, task: Task) -> dict[str, Any]:
+        """Event loop: what taskinfo and lstask show; units may add keys (clients ignore extra keys)."""
+        return task.info()
+
     async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
         """Event loop: a unit-specific action (extra_actions)."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION)
@@ -414,7 +418,7 @@ class Unit:
             return
         task = self._task(request)
         if action == "taskinfo":
-            self._reply(route, reply(request, data=task.info(), object=f"{task.name}.taskinfo"))
+            self._reply(route, reply(request, data=self.describe(task), object=f"{task.name}.taskinfo"))
             return
         task.last_request_id = request.request_id
         self._take_ownership(task, route)
@@ -516,7 +520,7 @@ class Unit:
         return subs
 
     def _announce(self, task: Task) -> None:
-        self.send(bus.TaskEvent(op="up", work_id=task.work_id, info=task.info(), subscribe=self.subscriptions(task)))
+        self.send(bus.TaskEvent(op="up", work_id=task.work_id, info=self.describe(task), subscribe=self.subscriptions(task)))
 
     def _upstream_gone(self, work_id: str) -> None:
         for task in self.tasks.values():

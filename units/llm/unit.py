@@ -67,6 +67,9 @@ class LlmUnit(Unit):
         task.state["engine"] = engine
         task.state["history"] = []
 
+    def describe(self, task: Task) -> dict[str, Any]:
+        return {**task.info(), "context_messages": len(task.state.get("history", []))}
+
     # inputs ------------------------------------------------------------------------------------
     def on_inference(self, job: Job) -> None:
         kind = job.type
