@@ -66,6 +66,7 @@ class Inflight:
     timeout: float | None
     error_work_id: str  # the work_id an error answer carries (bare unit name for setup, spec §4.4)
     rewrite: dict[str, Any] | None = None  # unit_call: reply as sys, echoing the request's object
+    assigned: str | None = None  # the work_id a setup will create
     started: float = field(default_factory=time.monotonic)
 
 
@@ -90,6 +91,7 @@ class Broker:
         self.sock: bus.RouterSocket | None = None
         self._background: set[asyncio.Task] = set()
         self._pcm_subscribers = 0
+        self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self.ready = asyncio.Event()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -253,7 +255,8 @@ class Broker:
                  binary: bytes | None, assigned: str | None = None, error_work_id: str | None = None,
                  rewrite: dict[str, Any] | None = None) -> None:
         key = (origin.client, origin.tag)
-        self.inflight[key] = Inflight(origin, request, record, timeout, error_work_id or request.work_id, rewrite)
+        self.inflight[key] = Inflight(origin, request, record, timeout, error_work_id or request.work_id, rewrite,
+                                      assigned=assigned)
         ctx = {"tasks": self.task_snapshot()} if request.action in ("setup", "link") else None
         self.send_to_unit(record, bus.Req(tag=origin.tag, conn=origin.conn, request=request.to_dict(),
                                           route=[origin.client, origin.tag, origin.conn], assigned=assigned,
@@ -305,6 +308,12 @@ class Broker:
                 self.send_to_unit(record, bus.Chain(src=source, dst=sorted(dst), response=response, binary=binary))
 
     def _task_event(self, unit: UnitRecord, event: bus.TaskEvent) -> None:
+        if event.op == "up" and event.work_id in self.abandoned:
+            # Its setup was answered with a timeout; nobody knows this task: have the unit drop it.
+            self.abandoned.discard(event.work_id)
+            exit_request = Request("0", event.work_id, "exit")
+            self.send_to_unit(unit, bus.Req(tag=0, conn=0, request=exit_request.to_dict(), route=[b"", 0, 0]))
+            return
         if event.op == "up":
             self.tasks[event.work_id] = TaskRecord(event.work_id, unit, event.info)
             self.links.set_subscriptions(event.work_id, event.subscribe)
@@ -372,6 +381,8 @@ class Broker:
             for key, entry in list(self.inflight.items()):
                 if entry.timeout is not None and now - entry.started > entry.timeout:
                     del self.inflight[key]
+                    if entry.assigned:
+                        self.abandoned.add(entry.assigned)
                     what = (f"model load exceeded {entry.timeout:g} s" if entry.request.action == "setup"
                             else f"{entry.unit.name if entry.unit else 'sys'} did not answer "
                                  f"{entry.request.action} within {entry.timeout:g} s")

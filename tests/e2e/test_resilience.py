@@ -144,3 +144,19 @@ def test_disconnect_cancels_the_running_generation(skel_stack):
         started = time.monotonic()
         assert "".join(m["data"]["delta"] for m in owner.stream("next", timeout=10)) == "HI"
         assert time.monotonic() - started < 5
+
+
+def test_slow_setup_times_out_while_sys_keeps_answering(stack_factory):
+    stack = stack_factory(["skel"], {"timeouts.setup_s": "1.5"})
+    with StackFlowClient(stack.port) as c:
+        c.send({"request_id": "slow", "work_id": "skel", "action": "setup", "data": {"model": "skel", "load_ms": 4000}})
+        started = time.monotonic()
+        pong = c.request({"request_id": "ping", "work_id": "sys", "action": "ping"})
+        assert pong["error"]["code"] == 0 and time.monotonic() - started < 0.5  # sys answers during the load
+        late = c.read_for("slow", timeout=10)
+        assert late["error"]["code"] == -33 and late["error"]["message"] == "timeout: model load exceeded 1.5 s"
+        assert late["work_id"] == "skel"
+        c.expect_silence(3)  # the unit's late answer is dropped, never delivered
+        assert c.request({"request_id": "l", "work_id": "sys", "action": "lstask"})["data"] == []
+        again = c.request({"request_id": "s2", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        assert again["error"]["code"] == 0  # the abandoned task did not keep the only task slot

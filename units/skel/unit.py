@@ -1,7 +1,7 @@
 """skel: the template unit. Text in, transformed text out, streamed or not.
 
-Setup keys: `mode` (upper, lower, reverse, echo) and `delay_ms` between streamed pieces, which lets a
-test pause a stream in the middle. Inputs: user text (`skel.*`) and a linked skel task's outputs.
+Setup keys: `mode` (upper, lower, reverse, echo), `delay_ms` between streamed pieces, which lets a
+test pause a stream in the middle, and `load_ms`, how long loading the "model" takes (a slow setup). Inputs: user text (`skel.*`) and a linked skel task's outputs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from units.skel.engine import MODES, pieces, transform
 class SkelUnit(Unit):
     name = "skel"
     names = ("skel",)
-    defaults: dict[str, Any] = {"mode": "upper", "delay_ms": 0}
+    defaults: dict[str, Any] = {"mode": "upper", "delay_ms": 0, "load_ms": 0}
     default_input = "skel.utf-8"
     default_response_format = "skel.utf-8"
     link_kinds = frozenset({"skel"})
@@ -25,8 +25,9 @@ class SkelUnit(Unit):
     def load(self, task: Task) -> None:
         if task.params["mode"] not in MODES:
             raise UnitError(ErrorCode.MODEL_LOADING, f"mode must be one of {', '.join(MODES)}")
-        if task.params["delay_ms"] < 0:
-            raise UnitError(ErrorCode.JSON_FORMAT, "delay_ms must not be negative")
+        if task.params["delay_ms"] < 0 or task.params["load_ms"] < 0:
+            raise UnitError(ErrorCode.JSON_FORMAT, "delay_ms and load_ms must not be negative")
+        time.sleep(task.params["load_ms"] / 1000)
 
     def on_inference(self, job: Job) -> None:
         if not isinstance(job.payload, str):

@@ -1,0 +1,264 @@
+"""WAV and PCM conversion shared by the audio-handling units (pure numpy + stdlib, no bus).
+
+The wire format of unitbus audio is 16 kHz mono signed 16-bit little-endian PCM (spec §11.1).
+`parse_wav` turns any PCM WAV into that; `to_wav` wraps it back into a file.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from fractions import Fraction
+
+import numpy as np
+
+RATE = 16000
+
+# Rates outside this range are treated as corrupt headers: a 1 Hz "file" would make the resampler
+# allocate 16000 output samples per input sample.
+MIN_RATE = 1000
+MAX_RATE = 768000
+MAX_CHANNELS = 64
+MAX_SECONDS = 3600  # longer inputs are refused rather than resampled into gigabytes
+
+# Writers that stream a WAV before knowing its length put one of these in the data chunk size.
+_PLACEHOLDER_SIZES = (0, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FFFF000)
+
+WAVE_FORMAT_PCM = 0x0001
+WAVE_FORMAT_IEEE_FLOAT = 0x0003
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# The 14 bytes after the format code in a KSDATAFORMAT_SUBTYPE_* GUID.
+_KSDATAFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+
+
+class AudioError(ValueError):
+    """Base of the audio decoding errors."""
+
+
+class UnsupportedAudio(AudioError):
+    """Well-formed audio in an encoding unitbus does not decode (compressed codecs, odd widths)."""
+
+
+class BadAudio(AudioError):
+    """Malformed audio: truncated, inconsistent or absurd headers, odd-length PCM."""
+
+
+def pcm_from_bytes(data: bytes) -> np.ndarray:
+    """S16LE bytes -> int16 samples (a fresh, writable array)."""
+    if len(data) % 2:
+        raise BadAudio(f"PCM data has an odd length ({len(data)} bytes); S16LE needs 2 bytes per sample")
+    return np.frombuffer(data, dtype="<i2").astype(np.int16)
+
+
+def float_to_int16(x: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16 (symmetric, x 32767), clipping overshoot and mapping NaN to 0."""
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def to_wav(pcm: np.ndarray, rate: int = RATE) -> bytes:
+    """Mono samples (int16, or float in [-1, 1]) -> a 16-bit PCM WAV file."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1:
+        raise ValueError(f"to_wav takes mono samples, got shape {pcm.shape}")
+    if np.issubdtype(pcm.dtype, np.floating):
+        pcm = float_to_int16(pcm)
+    elif pcm.dtype != np.int16:
+        if pcm.size and (pcm.min() < -32768 or pcm.max() > 32767):
+            raise ValueError("integer samples out of int16 range")
+        pcm = pcm.astype(np.int16)
+    body = pcm.astype("<i2").tobytes()
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF", 36 + len(body), b"WAVE",
+        b"fmt ", 16, WAVE_FORMAT_PCM, 1, int(rate), int(rate) * 2, 2, 16,
+        b"data", len(body),
+    )
+    return header + body
+
+
+def _read_chunks(data: bytes) -> tuple[bytes, memoryview]:
+    """The fmt chunk body and the data chunk payload of a RIFF/WAVE file."""
+    if len(data) < 12:
+        raise BadAudio("not a WAV file: shorter than the RIFF header")
+    riff, _size, wave = struct.unpack_from("<4sI4s", data, 0)
+    if riff in (b"RIFX", b"RF64", b"BW64") and wave == b"WAVE":
+        raise UnsupportedAudio(f"{riff.decode()} WAV files are not supported")
+    if riff != b"RIFF" or wave != b"WAVE":
+        raise BadAudio("not a WAV file: no RIFF/WAVE header")
+    view = memoryview(data)
+    fmt: bytes | None = None
+    payload: memoryview | None = None
+    pos = 12
+    # The RIFF size field is often wrong in streamed files, so walk the chunks to the end of the bytes.
+    while pos + 8 <= len(data):
+        cid, size = struct.unpack_from("<4sI", data, pos)
+        body_start = pos + 8
+        remaining = len(data) - body_start
+        if cid == b"data":
+            if payload is None:
+                if size > remaining:
+                    if size not in _PLACEHOLDER_SIZES:
+                        raise BadAudio(f"truncated WAV: data chunk says {size} bytes, {remaining} present")
+                    size = remaining
+                elif size == 0 and fmt is not None and remaining > 0:
+                    size = remaining  # a streamed file whose writer never came back to fix the size
+                payload = view[body_start:body_start + size]
+        elif size > remaining:
+            if cid == b"fmt ":
+                raise BadAudio("truncated WAV: fmt chunk is cut off")
+            break  # a cut-off trailing chunk (LIST, id3 ...) does not matter once data is found
+        elif cid == b"fmt " and fmt is None:
+            fmt = bytes(view[body_start:body_start + size])
+        # Chunks are word-aligned: an odd-sized chunk is followed by one pad byte.
+        pos = body_start + size + (size & 1)
+        if fmt is not None and payload is not None:
+            break
+    if fmt is None:
+        raise BadAudio("WAV file has no fmt chunk")
+    if payload is None:
+        raise BadAudio("WAV file has no data chunk")
+    return fmt, payload
+
+
+def _parse_fmt(fmt: bytes) -> tuple[int, int, int, int]:
+    """(format code, channels, rate, bits per sample), validated."""
+    if len(fmt) < 16:
+        raise BadAudio(f"fmt chunk too short ({len(fmt)} bytes)")
+    tag, channels, rate, _byte_rate, _align, bits = struct.unpack_from("<HHIIHH", fmt, 0)
+    if tag == WAVE_FORMAT_EXTENSIBLE:
+        if len(fmt) < 40:
+            raise BadAudio("WAVE_FORMAT_EXTENSIBLE fmt chunk too short")
+        (sub_tag,) = struct.unpack_from("<H", fmt, 24)
+        if fmt[26:40] != _KSDATAFORMAT_TAIL:
+            raise UnsupportedAudio("WAVE_FORMAT_EXTENSIBLE with a non-standard sub-format GUID")
+        tag = sub_tag
+    if tag not in (WAVE_FORMAT_PCM, WAVE_FORMAT_IEEE_FLOAT):
+        raise UnsupportedAudio(f"WAV codec 0x{tag:04x} is not PCM (only integer PCM and IEEE float are read)")
+    if channels == 0:
+        raise BadAudio("WAV file has zero channels")
+    if channels > MAX_CHANNELS:
+        raise BadAudio(f"WAV file claims {channels} channels")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise BadAudio(f"WAV sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz")
+    if tag == WAVE_FORMAT_PCM and bits not in (8, 16, 24, 32):
+        raise UnsupportedAudio(f"{bits}-bit integer PCM is not supported")
+    if tag == WAVE_FORMAT_IEEE_FLOAT and bits not in (32, 64):
+        raise UnsupportedAudio(f"{bits}-bit float PCM is not supported")
+    return tag, channels, rate, bits
+
+
+def _decode_samples(payload: memoryview, tag: int, channels: int, bits: int) -> np.ndarray:
+    """Interleaved payload -> float32 [frames, channels] in [-1, 1] (int16 input stays exact in int16)."""
+    width = bits // 8
+    frames = len(payload) // (width * channels)
+    raw = payload[: frames * width * channels]  # a trailing partial frame is dropped
+    if tag == WAVE_FORMAT_IEEE_FLOAT:
+        x = np.frombuffer(raw, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
+        x = np.clip(np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    elif bits == 8:
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif bits == 16:
+        x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    elif bits == 24:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v >= 1 << 23, v - (1 << 24), v)
+        x = v.astype(np.float32) / float(1 << 23)
+    else:
+        x = (np.frombuffer(raw, dtype="<i4").astype(np.float64) / float(1 << 31)).astype(np.float32)
+    return x.reshape(frames, channels)
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """A PCM WAV file -> (float32 samples [frames, channels] in [-1, 1], sample rate)."""
+    fmt, payload = _read_chunks(data)
+    tag, channels, rate, bits = _parse_fmt(fmt)
+    return _decode_samples(payload, tag, channels, bits), rate
+
+
+def parse_wav(data: bytes, rate: int = RATE) -> np.ndarray:
+    """A PCM WAV file (any width, channel count, rate) -> int16 mono samples at `rate` Hz.
+
+    Raises UnsupportedAudio for non-PCM codecs and BadAudio for malformed files; nothing else.
+    """
+    fmt, payload = _read_chunks(bytes(data))
+    tag, channels, src_rate, bits = _parse_fmt(fmt)
+    if tag == WAVE_FORMAT_PCM and bits == 16 and channels == 1 and src_rate == rate:
+        return pcm_from_bytes(bytes(payload[: len(payload) // 2 * 2]))  # already the wire format
+    seconds = len(payload) / (channels * bits // 8) / src_rate
+    if seconds > MAX_SECONDS:
+        raise BadAudio(f"WAV file is {seconds:.0f} s long; the limit is {MAX_SECONDS} s")
+    x = _decode_samples(payload, tag, channels, bits)
+    mono = x.mean(axis=1) if channels > 1 else x[:, 0]
+    return float_to_int16(resample(mono, src_rate, rate))
+
+
+# --- resampling ---------------------------------------------------------------------------------
+
+_ZERO_CROSSINGS = 16  # sinc lobes kept on each side, at the lower of the two rates
+_ROLLOFF = 0.94  # passband edge as a fraction of the lower Nyquist frequency
+_KAISER_BETA = 8.6  # about 80 dB stop-band attenuation
+_GATHER_BUDGET = 1 << 21  # samples gathered per block: bounds memory for long inputs
+_MAX_PHASES = 2000  # larger reduced ratios (44101 -> 16000) are approximated to within ~1e-7
+
+
+@functools.lru_cache(maxsize=16)
+def _polyphase(up: int, down: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Filter taps per output phase, the first input index per phase, and taps per phase.
+
+    The interpolation filter h(t) lives on the up-sampled grid (rate * up); output n reads input k
+    with weight h(n*down - k*up), for the k where that argument lies within the filter's half-width.
+    """
+    span = max(up, down)
+    half = int(math.ceil(_ZERO_CROSSINGS * span / _ROLLOFF))
+    taps = (2 * half) // up + 1
+    phases = np.arange(up)
+    # First input index used by output phase r (for output n = q*up + r it is this + q*down).
+    first = -((half - phases * down) // up)  # ceil((r*down - half) / up)
+    t = phases[:, None] * down - (first[:, None] + np.arange(taps)[None, :]) * up  # h argument
+    cutoff = _ROLLOFF / span
+    window = np.where(np.abs(t) <= half, np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - (t / half) ** 2, 0.0, 1.0))), 0.0)
+    h = up * cutoff * np.sinc(cutoff * t) * window / np.i0(_KAISER_BETA)
+    return h.astype(np.float32), first.astype(np.int64), taps
+
+
+def _ratio(from_rate: int, to_rate: int) -> tuple[int, int]:
+    """(up, down) with to/from = up/down, both at most _MAX_PHASES so the filter table stays small."""
+    if to_rate > from_rate:
+        inverse = Fraction(from_rate, to_rate).limit_denominator(_MAX_PHASES)
+        return inverse.denominator, inverse.numerator
+    ratio = Fraction(to_rate, from_rate).limit_denominator(_MAX_PHASES)
+    return ratio.numerator, ratio.denominator
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Band-limited resampling (polyphase Kaiser-windowed sinc), zero phase; float32 in and out.
+
+    The output has ceil(len(x) * to_rate / from_rate) samples and is aligned with the input
+    (no filter delay). Integer input is treated as float (its scale is kept).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"resample takes a 1-D signal, got shape {x.shape}")
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    if from_rate == to_rate or x.size == 0:
+        return x.copy()
+    up, down = _ratio(int(from_rate), int(to_rate))
+    h, first, taps = _polyphase(up, down)
+    n_out = -(-x.size * up // down)
+    # Pad so every tap index of every output lands inside the buffer (zeros beyond the ends).
+    lead = max(0, -int(first.min()))
+    last_start = (n_out - 1) // up * down + int(first.max())
+    tail = max(0, last_start + taps - x.size)
+    xp = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
+    out = np.empty(n_out, np.float32)
+    offsets = np.arange(taps)
+    block = max(256, _GATHER_BUDGET // taps)
+    for start in range(0, n_out, block):
+        n = np.arange(start, min(start + block, n_out))
+        q, r = np.divmod(n, up)
+        idx = (q * down + first[r] + lead)[:, None] + offsets[None, :]
+        out[start:start + n.size] = np.einsum("ij,ij->i", xp[idx], h[r])
+    return out
