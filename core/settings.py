@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "uart.parity": "n",
     "uart.stop_bits": 1,
     "uart.persist": False,
+    "uart.state_file": "/var/lib/unitbus/uart.json",
     "framing.max_frame_bytes": 4 * MIB,
     "framing.max_raw_bytes": 4 * MIB,
     "framing.max_stream_bytes": 16 * MIB,
@@ -57,6 +58,16 @@ DEFAULTS: dict[str, Any] = {
     "llm.flush_ms": 0,
     "asr.stream_style": "stackflow",
     "audio.mute_capture_while_playing": True,
+    # Capture: "auto" (ALSA if a capture device exists, else audio.source_wav if set), "alsa", "wav",
+    # "push" (only audio a client sends with the audio unit's `capture` action) or "none".
+    "audio.capture": "auto",
+    "audio.source_wav": "",  # a WAV file or a folder of WAV files, played as the microphone in real time
+    "audio.loop": False,  # start audio.source_wav again at its end
+    "audio.period_ms": 10,
+    "audio.capture_device": "default",  # ALSA device names for arecord / aplay
+    "audio.playback": "auto",  # "auto" (ALSA if a playback device exists, else audio.play_dir), "alsa", "dir", "none"
+    "audio.play_dir": "",  # where played audio is written as WAV files when there is no playback device
+    "audio.playback_device": "default",
     "models.data_dir": "/opt/unitbus/data/",
     "models.manifest_dir": "/opt/unitbus/data/models/",
     "models.etc_dir": "/etc/unitbus/models/",

@@ -7,10 +7,13 @@ once everything queued before it has been written.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import queue
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from core import bus
@@ -22,6 +25,10 @@ from firmware_bridge.connection import Connection
 log = logging.getLogger(__name__)
 
 PARITIES = {"n": "N", "e": "E", "o": "O"}
+DEFAULT_LINE = {"baud": 115200, "data_bits": 8, "parity": "n", "stop_bits": 1}
+RESET_PROBE = b"llm uart reset\n"
+RESET_ANSWER = b"llm_uart_reset"
+RESET_WAIT_S = 1.0
 
 
 def serial_settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +52,8 @@ class UartBridge:
         self.device = device or settings["uart.device"]
         self.values = {"baud": settings["uart.baud"], "data_bits": settings["uart.data_bits"],
                        "parity": settings["uart.parity"], "stop_bits": settings["uart.stop_bits"]}
+        self.state_file = Path(settings["uart.state_file"])
+        self.persist = bool(settings["uart.persist"])
         self.port: Any = None
         self.connection: Connection | None = None
         self._outbox: queue.Queue = queue.Queue()
@@ -65,6 +74,9 @@ class UartBridge:
         import serial
 
         self.loop = asyncio.get_running_loop()
+        saved = self._saved_line()
+        if saved and saved != DEFAULT_LINE:
+            self.values = await asyncio.to_thread(self._recovery_handshake, saved)
         self.port = serial.Serial(self.device, timeout=0, write_timeout=None, **serial_settings(self.values))
         self.connection = Connection(self.client, self.settings, self._queue_write, self._pending_bytes,
                                      f"uart {self.device}")
@@ -74,9 +86,47 @@ class UartBridge:
         self._idle_task = asyncio.create_task(self._idle_loop())
         log.info("StackFlow UART on %s at %s", self.device, self.values)
 
+    def _saved_line(self) -> dict[str, Any] | None:
+        if not self.persist or not self.state_file.is_file():
+            return None
+        try:
+            saved = json.loads(self.state_file.read_text())
+            serial_settings(saved)  # validates
+            return {k: saved[k] for k in DEFAULT_LINE}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring %s: %s", self.state_file, exc)
+            return None
+
+    def _save_line(self, values: dict[str, Any]) -> None:
+        if not self.persist:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: values[k] for k in DEFAULT_LINE}))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            log.error("could not keep the UART settings in %s: %s", self.state_file, exc)
+
+    def _recovery_handshake(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Spec §14.1: offer the host a way back to 115200 8N1 before using persisted settings."""
+        import serial
+
+        with serial.Serial(self.device, timeout=0.05, **serial_settings(DEFAULT_LINE)) as port:
+            port.write(RESET_PROBE)
+            heard, deadline = b"", time.monotonic() + RESET_WAIT_S
+            while time.monotonic() < deadline and RESET_ANSWER not in heard:
+                heard = (heard + port.read(64))[-256:]
+        if RESET_ANSWER in heard:
+            log.info("the host asked for the default UART settings back")
+            self._save_line(DEFAULT_LINE)
+            return dict(DEFAULT_LINE)
+        return saved
+
     def on_control(self, message: bus.Control) -> None:
         if message.op == "uartsetup" and isinstance(message.data, dict):
             self.values = {**self.values, **message.data}
+            self._save_line(self.values)
             self._outbox.put(("settings", dict(self.values)))
         elif message.op == "notice" and self.connection is not None:
             self.connection.send(Response.from_dict(message.data))

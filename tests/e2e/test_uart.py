@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -80,3 +81,31 @@ def test_uartsetup_with_string_parity_and_reset_over(stack_factory, pty_pair):
         # The line still works after all that.
         port.write(b'{"request_id":"3","work_id":"sys","action":"ping"}')
         assert read_messages(port, 1)[0]["request_id"] == "3"
+
+
+def test_persisted_settings_and_the_recovery_handshake(stack_factory, pty_pair, tmp_path):
+    board, mcu = pty_pair
+    state = tmp_path / "uart.json"
+    settings = {"uart.enabled": "true", "uart.device": str(board), "uart.persist": "true", "uart.state_file": str(state)}
+    stack = stack_factory(["skel"], settings)
+    with serial.Serial(str(mcu), 115200, timeout=0.1) as port:
+        port.write(b'{"request_id":"1","work_id":"sys","action":"uartsetup","data":{"baud":921600,"parity":101}}')
+        assert read_messages(port, 1)[0]["error"]["code"] == 0
+    deadline = time.monotonic() + 5
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(state.read_text()) == {"baud": 921600, "data_bits": 8, "parity": "e", "stop_bits": 1}
+    stack.stop()
+    # On the next start the bridge offers the way back; an MCU that answers gets 115200 8N1 again.
+    with serial.Serial(str(mcu), 115200, timeout=0.1) as port:
+        starter = threading.Thread(target=stack_factory, args=(["skel"], settings))
+        starter.start()
+        heard, deadline = b"", time.monotonic() + 30
+        while b"llm uart reset\n" not in heard and time.monotonic() < deadline:
+            heard += port.read(64)
+        assert b"llm uart reset\n" in heard
+        port.write(b"llm_uart_reset")
+        starter.join(120)
+        assert json.loads(state.read_text())["baud"] == 115200
+        port.write(b'{"request_id":"2","work_id":"sys","action":"ping"}')
+        assert read_messages(port, 1)[0]["request_id"] == "2"
