@@ -160,3 +160,23 @@ def test_slow_setup_times_out_while_sys_keeps_answering(stack_factory):
         assert c.request({"request_id": "l", "work_id": "sys", "action": "lstask"})["data"] == []
         again = c.request({"request_id": "s2", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
         assert again["error"]["code"] == 0  # the abandoned task did not keep the only task slot
+
+
+def test_slow_reader_loses_outputs_not_replies_and_is_told(stack_factory):
+    stack = stack_factory(["skel"], {"framing.max_pending_bytes": "20000"})
+    with StackFlowClient(stack.port, timeout=30) as c:
+        work_id = c.request({"request_id": "s", "work_id": "skel", "action": "setup",
+                             "data": {"model": "skel", "response_format": "skel.utf-8.stream"}})["work_id"]
+        c.send({"request_id": "flood", "work_id": work_id, "action": "inference", "object": "skel.utf-8",
+                "data": "w " * 150000})
+        time.sleep(8)  # read nothing while the unit streams more than the kernel's socket buffers hold
+        chunks, told = 0, None
+        while told is None:
+            m = c.read_for("flood", timeout=20)
+            if m["error"]["code"] == -32:
+                told = m
+            else:
+                chunks += 1
+        assert "output dropped, client too slow" in told["error"]["message"] and told["work_id"] == work_id
+        assert chunks < 150001
+        assert c.request({"request_id": "p", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
