@@ -199,28 +199,31 @@ def parse_wav(data: bytes, rate: int = RATE) -> np.ndarray:
 _ZERO_CROSSINGS = 16  # sinc lobes kept on each side, at the lower of the two rates
 _ROLLOFF = 0.94  # passband edge as a fraction of the lower Nyquist frequency
 _KAISER_BETA = 8.6  # about 80 dB stop-band attenuation
-_GATHER_BUDGET = 1 << 21  # samples gathered per block: bounds memory for long inputs
+_BLOCK_BUDGET = 1 << 21  # input samples per matrix product: bounds memory for long inputs
 _MAX_PHASES = 2000  # larger reduced ratios (44101 -> 16000) are approximated to within ~1e-7
 
 
 @functools.lru_cache(maxsize=16)
-def _polyphase(up: int, down: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Filter taps per output phase, the first input index per phase, and taps per phase.
+def _polyphase(up: int, down: int) -> tuple[np.ndarray, int]:
+    """The resampling matrix for one block, and the offset of its input window.
 
     The interpolation filter h(t) lives on the up-sampled grid (rate * up); output n reads input k
-    with weight h(n*down - k*up), for the k where that argument lies within the filter's half-width.
+    with weight h(n*down - k*up) where that argument lies within the filter's half-width. Outputs
+    come in blocks of `up`, block q reading inputs q*down + offset + [0, window): so a block is one
+    row of the strided input times this [window, up] matrix (a BLAS product instead of a gather).
     """
     span = max(up, down)
     half = int(math.ceil(_ZERO_CROSSINGS * span / _ROLLOFF))
-    taps = (2 * half) // up + 1
     phases = np.arange(up)
-    # First input index used by output phase r (for output n = q*up + r it is this + q*down).
-    first = -((half - phases * down) // up)  # ceil((r*down - half) / up)
-    t = phases[:, None] * down - (first[:, None] + np.arange(taps)[None, :]) * up  # h argument
+    first = -((half - phases * down) // up)  # first input of output phase r: ceil((r*down - half) / up)
+    offset = int(first.min())
+    window = int(((phases * down + half) // up).max()) - offset + 1
+    k = offset + np.arange(window)
+    t = phases[None, :] * down - k[:, None] * up  # h argument, [window, up]
     cutoff = _ROLLOFF / span
-    window = np.where(np.abs(t) <= half, np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - (t / half) ** 2, 0.0, 1.0))), 0.0)
-    h = up * cutoff * np.sinc(cutoff * t) * window / np.i0(_KAISER_BETA)
-    return h.astype(np.float32), first.astype(np.int64), taps
+    taper = np.i0(_KAISER_BETA * np.sqrt(np.clip(1.0 - (t / half) ** 2, 0.0, 1.0))) / np.i0(_KAISER_BETA)
+    h = np.where(np.abs(t) <= half, up * cutoff * np.sinc(cutoff * t) * taper, 0.0)
+    return h.astype(np.float32), offset
 
 
 def _ratio(from_rate: int, to_rate: int) -> tuple[int, int]:
@@ -246,19 +249,18 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate == to_rate or x.size == 0:
         return x.copy()
     up, down = _ratio(int(from_rate), int(to_rate))
-    h, first, taps = _polyphase(up, down)
+    h, offset = _polyphase(up, down)
+    window = h.shape[0]
     n_out = -(-x.size * up // down)
-    # Pad so every tap index of every output lands inside the buffer (zeros beyond the ends).
-    lead = max(0, -int(first.min()))
-    last_start = (n_out - 1) // up * down + int(first.max())
-    tail = max(0, last_start + taps - x.size)
+    blocks = -(-n_out // up)
+    # Pad so that every block's input window lies inside the buffer (zeros beyond the ends).
+    lead = max(0, -offset)
+    tail = max(0, (blocks - 1) * down + offset + window - x.size)
     xp = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
-    out = np.empty(n_out, np.float32)
-    offsets = np.arange(taps)
-    block = max(256, _GATHER_BUDGET // taps)
-    for start in range(0, n_out, block):
-        n = np.arange(start, min(start + block, n_out))
-        q, r = np.divmod(n, up)
-        idx = (q * down + first[r] + lead)[:, None] + offsets[None, :]
-        out[start:start + n.size] = np.einsum("ij,ij->i", xp[idx], h[r])
-    return out
+    rows = np.lib.stride_tricks.as_strided(
+        xp[offset + lead:], shape=(blocks, window), strides=(down * xp.strides[0], xp.strides[0]), writeable=False)
+    out = np.empty((blocks, up), np.float32)
+    step = max(1, _BLOCK_BUDGET // window)  # bounds the copy BLAS makes of the strided rows
+    for start in range(0, blocks, step):
+        np.matmul(rows[start:start + step], h, out=out[start:start + step])
+    return out.reshape(-1)[:n_out]

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core.paths import resolve_pkg_url
+from core.runtime import create_session
+from units.kws import stream_graph
+
+EMBEDDING = "pkg://openwakeword/resources/models/embedding_model.onnx"
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**40, -1, -2, -(2**62)])
+def test_varint_round_trip(value):
+    encoded = stream_graph._int(1, value)
+    (num, wire, raw), = stream_graph._fields(encoded)
+    assert (num, wire) == (1, 0)
+    assert stream_graph._ints(raw) == [value]
+
+
+def test_rejects_a_graph_that_is_not_the_embedding_model():
+    source = resolve_pkg_url("pkg://openwakeword/resources/models/hey_jarvis_v0.1.onnx").read_bytes()
+    with pytest.raises(ValueError):
+        stream_graph.build(source)
+
+
+def test_streaming_embeddings_equal_the_original_76_frame_windows(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITBUS_CACHE_DIR", str(tmp_path))
+    source = resolve_pkg_url(EMBEDDING)
+    path, caches = stream_graph.cached_build(source)
+    stream = create_session(path, threads=1)
+    original = create_session(source, threads=1)
+
+    rng = np.random.default_rng(0)
+    mel = rng.normal(1.0, 1.0, (8 * 30, 32)).astype(np.float32)
+    state = {name: np.zeros(shape, np.float32) for name, _, shape in caches}
+    stepwise = []
+    for k in range(30):
+        out = stream.run(None, {stream_graph.INPUT: mel[None, None, 8 * k:8 * k + 8], **state})
+        stepwise.append(out[0][0])
+        state = {name: out[1 + i] for i, (name, _, _) in enumerate(caches)}
+    stepwise = np.array(stepwise)
+
+    # Once 76 frames have been seen, step k's embedding is the original model on frames [8k+8-76, 8k+8).
+    for k in range(9, 30):
+        window = mel[8 * k + 8 - 76:8 * k + 8][None, :, :, None]
+        expected = original.run(None, {"input_1": window})[0].reshape(96)
+        np.testing.assert_allclose(stepwise[k], expected, rtol=1e-4, atol=1e-4)
+
+    # Many steps in one call give the same embeddings as one step per call.
+    zeros = {name: np.zeros(shape, np.float32) for name, _, shape in caches}
+    batched = stream.run(None, {stream_graph.INPUT: mel[None, None], **zeros})[0]
+    np.testing.assert_allclose(batched, stepwise, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITBUS_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "embedding_model.onnx"
+    source.write_bytes(resolve_pkg_url(EMBEDDING).read_bytes())
+    path, caches = stream_graph.cached_build(source)
+    first_mtime = path.stat().st_mtime_ns
+    again, caches_again = stream_graph.cached_build(source)
+    assert again == path and caches_again == caches and path.stat().st_mtime_ns == first_mtime
+
+    meta = json.loads((path.parent / "meta.json").read_text())
+    meta["stamp"]["size"] += 1  # as if the source had been replaced
+    (path.parent / "meta.json").write_text(json.dumps(meta))
+    rebuilt, _ = stream_graph.cached_build(source)
+    assert json.loads((rebuilt.parent / "meta.json").read_text())["stamp"]["size"] == source.stat().st_size
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp folders left

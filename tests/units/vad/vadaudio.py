@@ -1,0 +1,43 @@
+"""Speech scenes for the vad tests: espeak-ng phrases placed at known times over low noise."""
+from __future__ import annotations
+
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+SENTENCES = [
+    ("turn on the kitchen lights", "en-us", 150),
+    ("what is the weather like today", "en-gb", 140),
+    ("please remind me to call my mother tomorrow", "en-us+f3", 165),
+]
+
+
+def speak(text: str, voice: str, speed: int, folder: Path) -> np.ndarray:
+    """espeak-ng speech at 16 kHz with its leading and trailing silence cut, so its bounds are known."""
+    raw, out = folder / "raw.wav", folder / f"{voice}_{speed}_{len(text)}.wav".replace("+", "_")
+    subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True, capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(out)], check=True,
+                   capture_output=True)
+    with wave.open(str(out)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 200)
+    return pcm[loud[0]:loud[-1] + 1]
+
+
+def scene(phrases: list[np.ndarray], gaps_s: list[float], rng: np.random.Generator, noise_rms: float = 30.0):
+    """Phrases separated by the given silences over low noise; returns pcm and the (start_s, end_s) spans."""
+    parts, spans, t = [], [], 0
+    for phrase, gap in zip(phrases, gaps_s):
+        pause = np.zeros(int(gap * SAMPLE_RATE))
+        parts.append(pause)
+        t += pause.size
+        spans.append((t / SAMPLE_RATE, (t + phrase.size) / SAMPLE_RATE))
+        parts.append(phrase.astype(np.float64))
+        t += phrase.size
+    parts.append(np.zeros(int(1.5 * SAMPLE_RATE)))
+    audio = np.concatenate(parts)
+    audio += rng.normal(0.0, noise_rms, audio.size)
+    return np.clip(audio, -32768, 32767).astype(np.int16), spans

@@ -1,0 +1,1 @@
+"""asr unit: Whisper speech recognition (engine.py) and utterance endpointing (endpoint.py)."""

@@ -1,0 +1,1 @@
+"""tts unit: Piper voices on onnxruntime, espeak-ng phonemes."""
