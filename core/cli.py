@@ -16,7 +16,7 @@ from core.settings import Settings, SettingsError, parse_assignments
 
 log = logging.getLogger("unitbus")
 
-SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service")
+SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service", "unitbus-http.service")
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
@@ -197,7 +197,8 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
-        units = ["unitbus-sys.service", "unitbus-bridge.service"] + [f"unitbus-unit@{u}.service" for u in args.units]
+        units = ["unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service"] + [
+            f"unitbus-unit@{u}.service" for u in args.units]
         subprocess.run(["systemctl", "enable", "--now", *units], check=False)
     return 0
 
