@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "uart.stop_bits": 1,
     "uart.persist": False,
     "uart.state_file": "/var/lib/unitbus/uart.json",
+    "uart.reset_wait_s": 1.0,
     "framing.max_frame_bytes": 4 * MIB,
     "framing.max_raw_bytes": 4 * MIB,
     "framing.max_stream_bytes": 16 * MIB,

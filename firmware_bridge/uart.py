@@ -28,7 +28,6 @@ PARITIES = {"n": "N", "e": "E", "o": "O"}
 DEFAULT_LINE = {"baud": 115200, "data_bits": 8, "parity": "n", "stop_bits": 1}
 RESET_PROBE = b"llm uart reset\n"
 RESET_ANSWER = b"llm_uart_reset"
-RESET_WAIT_S = 1.0
 
 
 def serial_settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +53,7 @@ class UartBridge:
                        "parity": settings["uart.parity"], "stop_bits": settings["uart.stop_bits"]}
         self.state_file = Path(settings["uart.state_file"])
         self.persist = bool(settings["uart.persist"])
+        self.reset_wait_s = float(settings["uart.reset_wait_s"])
         self.port: Any = None
         self.connection: Connection | None = None
         self._outbox: queue.Queue = queue.Queue()
@@ -114,7 +114,7 @@ class UartBridge:
 
         with serial.Serial(self.device, timeout=0.05, **serial_settings(DEFAULT_LINE)) as port:
             port.write(RESET_PROBE)
-            heard, deadline = b"", time.monotonic() + RESET_WAIT_S
+            heard, deadline = b"", time.monotonic() + self.reset_wait_s
             while time.monotonic() < deadline and RESET_ANSWER not in heard:
                 heard = (heard + port.read(64))[-256:]
         if RESET_ANSWER in heard:

@@ -86,7 +86,8 @@ def test_uartsetup_with_string_parity_and_reset_over(stack_factory, pty_pair):
 def test_persisted_settings_and_the_recovery_handshake(stack_factory, pty_pair, tmp_path):
     board, mcu = pty_pair
     state = tmp_path / "uart.json"
-    settings = {"uart.enabled": "true", "uart.device": str(board), "uart.persist": "true", "uart.state_file": str(state)}
+    settings = {"uart.enabled": "true", "uart.device": str(board), "uart.persist": "true", "uart.state_file": str(state),
+                "uart.reset_wait_s": "5"}  # the spec's 1 s is tight for a test on a loaded machine
     stack = stack_factory(["skel"], settings)
     with serial.Serial(str(mcu), 115200, timeout=0.1) as port:
         port.write(b'{"request_id":"1","work_id":"sys","action":"uartsetup","data":{"baud":921600,"parity":101}}')
