@@ -25,6 +25,7 @@ from core.envelope import NONE, Request, Response, error_reply, reply, stream_da
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
+from core.microphone import PCM_SOURCE, capture_mode
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -472,6 +473,9 @@ class Unit:
                 self._link(task, entry, snapshot)
             else:
                 self._add_source(task, entry)
+        if "sys" in task.sources and capture_mode(self.settings) is None:
+            raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
+                            "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
         if params["progress"] and route:
             task.state["progress"] = lambda percent: self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
@@ -482,6 +486,8 @@ class Unit:
         self.tasks[task.work_id] = task
         task.worker = asyncio.create_task(self._worker(task))
         self._announce(task)
+        # load() may leave a note of a setting it substituted (spec §8.1: e.g. a wake word the model lacks).
+        note = "; ".join(n for n in (note, task.state.pop("setup_note", "")) if n)
         self._reply(route, Response(request.request_id, task.work_id, message=note))
 
     def _add_source(self, task: Task, entry: str) -> None:
@@ -516,7 +522,7 @@ class Unit:
     def subscriptions(self, task: Task) -> list[str]:
         subs = list(task.upstream)
         if "sys" in task.sources:
-            subs.append("sys.pcm")
+            subs.append(PCM_SOURCE)
         return subs
 
     def _announce(self, task: Task) -> None:

@@ -15,13 +15,13 @@ from core import bus
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode, UnitError
 from core.ids import WorkId
+from core.microphone import PCM_SOURCE
 from core.settings import Settings
 from core.sys.links import LinkDirectory
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-PCM_SOURCE = "sys.pcm"
 
 
 @dataclass(eq=False)

@@ -1,0 +1,4 @@
+from units.asr.unit import AsrUnit
+
+if __name__ == "__main__":
+    AsrUnit.main()

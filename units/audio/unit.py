@@ -1,0 +1,200 @@
+"""The audio unit (spec §16.7): the microphone as `sys.pcm`, and the speaker behind `sys.play`.
+
+A singleton without tasks. Capture runs only while some task subscribes to sys.pcm (sys tells us the
+count); its source is ALSA, a WAV file or folder (audio.source_wav), or audio a client pushes with the
+`capture` action. While something plays, published frames carry `{"playing": true}` so asr, whisper and
+vad can ignore the board's own voice (audio.mute_capture_while_playing); kws still hears it (barge-in).
+Playback takes what units publish under `sys.play` (binary PCM; `{"stop": true}` clears the queue) and
+what clients send with `play`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+
+from core import bus
+from core.envelope import Request, Response
+from core.errors import PARAMETER_FORMAT, ErrorCode, UnitError
+from core.ids import ObjectType
+from core.microphone import PCM_SOURCE, capture_mode
+from core.unit import Task, Unit, decode_audio
+from units.audio.devices import Capture, Player, playback_mode
+
+log = logging.getLogger(__name__)
+
+PLAY_SOURCE = "sys.play"
+# Setup keys (spec §16.7): the Arduino form and the StackFlow audio.cap / audio.play parameter sets.
+ARDUINO_KEYS = {"capcard": ("cap", "card"), "capdevice": ("cap", "device"), "capVolume": ("cap", "volume"),
+                "playcard": ("play", "card"), "playdevice": ("play", "device"), "playVolume": ("play", "volume")}
+STACKFLOW_KEYS = ("card", "device", "volume", "rate", "channel")
+
+
+class AudioUnit(Unit):
+    name = "audio"
+    names = ("audio",)
+    extra_actions = ("play", "capture")
+    no_task_actions = ("inference", "link", "unlink", "pause", "work", "exit")
+    features = (PCM_SOURCE, f"sink:{PLAY_SOURCE}")
+    needs_text = False
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.mute = bool(settings["audio.mute_capture_while_playing"])
+        self.capture_mode = capture_mode(settings)
+        self.capture = Capture(self.capture_mode or "push", self._emit_frame, int(settings["audio.period_ms"]),
+                               str(settings["audio.source_wav"]), bool(settings["audio.loop"]),
+                               str(settings["audio.capture_device"]))
+        self.player = Player(playback_mode(settings), str(settings["audio.play_dir"]),
+                             str(settings["audio.playback_device"]))
+        self.devices = {"cap": {"card": None, "device": None, "volume": 1.0},
+                        "play": {"card": None, "device": None, "volume": 1.0}}
+        self.listeners = 0
+        self._streams: dict[tuple, list[str]] = {}
+        log.info("capture: %s, playback: %s", self.capture_mode or "none", self.player.mode)
+
+    async def serve(self) -> None:
+        try:
+            await super().serve()
+        finally:
+            self.capture.stop()
+            self.player.close()
+
+    def send(self, message: bus.Message) -> None:
+        # The capture thread's last frames can reach the loop after the socket closed at shutdown.
+        if self.sock is not None and not self.sock.sock.closed:
+            super().send(message)
+
+    # capture -----------------------------------------------------------------------------------
+    def on_control(self, message: bus.Control) -> None:
+        if message.op != "subscribers":
+            return
+        count = int((message.data or {}).get(PCM_SOURCE, 0))
+        if count > 0 and self.listeners == 0:
+            log.info("capture starts (%d listeners)", count)
+            self.capture.start()
+        elif count == 0 and self.listeners > 0:
+            log.info("capture stops: nobody listens")
+            self.capture.stop()
+        self.listeners = count
+
+    def _emit_frame(self, frame: bytes) -> None:
+        """Capture thread: one period of audio to every sys.pcm subscriber."""
+        playing = self.mute and self.player.playing
+        self.publish(PCM_SOURCE, binary=frame, data={"playing": True} if playing else None)
+
+    # playback ----------------------------------------------------------------------------------
+    def on_sink(self, source: str, response: dict | None, binary: bytes | None) -> None:
+        if source != PLAY_SOURCE:
+            return
+        data = (response or {}).get("data")
+        if isinstance(data, dict) and data.get("stop"):
+            self.player.clear()
+        if binary:
+            try:
+                self.player.play(decode_audio("audio.pcm", binary))
+            except UnitError as exc:
+                log.warning("sys.play audio dropped: %s", exc.message)
+
+    # actions -----------------------------------------------------------------------------------
+    async def _setup(self, request: Request, message: bus.Req, route: list) -> None:
+        data = request.data if isinstance(request.data, dict) else None
+        if data is None:
+            raise UnitError(ErrorCode.UNSUPPORTED_LINK, message=PARAMETER_FORMAT + ": setup data must be an object")
+        kind = ObjectType.parse(request.object)
+        changes: list[tuple[str, str, Any]] = []
+        for key, value in data.items():
+            if key in ARDUINO_KEYS:
+                changes.append((*ARDUINO_KEYS[key], value))
+            elif kind.namespace == "audio" and kind.flags & {"cap", "play"} and key in STACKFLOW_KEYS:
+                changes.append(("cap" if kind.has("cap") else "play", key, value))
+        for side, key, value in changes:
+            self.devices[side][key] = self._checked(key, value)
+        self._apply_devices()
+        self._reply(route, Response(request.request_id, "audio"))
+
+    @staticmethod
+    def _checked(key: str, value: Any) -> Any:
+        def bad() -> UnitError:
+            return UnitError(ErrorCode.UNSUPPORTED_LINK, message=f"{PARAMETER_FORMAT}: {key}={value!r}")
+
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if key == "volume":
+            if not 0.0 <= float(value) <= 1.0:
+                raise bad()
+            return float(value)
+        if float(value) != int(value) or int(value) < 0 or (key == "rate" and int(value) == 0):
+            raise bad()
+        return int(value)
+
+    def _apply_devices(self) -> None:
+        cap, play = self.devices["cap"], self.devices["play"]
+        self.capture.gain = cap["volume"]
+        self.player.gain = play["volume"]
+        if cap["card"] is not None:
+            self.capture.device = f"plughw:{cap['card']},{cap['device'] or 0}"
+            if self.capture.running and self.capture_mode == "alsa":
+                self.capture.stop()  # restart on the new device
+                self.capture.start()
+        if play["card"] is not None:
+            self.player.device = f"plughw:{play['card']},{play['device'] or 0}"
+
+    async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
+        pcm = self._audio_of(request, route, binary)
+        if pcm is None:
+            return None  # the middle of a chunked stream
+        if request.action == "play":
+            self.player.play(pcm)
+            return Response(request.request_id, "audio")
+        if self.listeners == 0:
+            # Queued audio would otherwise be heard by whichever task subscribes next, maybe much later.
+            raise UnitError(ErrorCode.NOT_AVAILABLE, "no task listens to sys.pcm")
+        ahead = self.capture.push(pcm)
+        return Response(request.request_id, "audio", data={"queued_s": round(ahead, 3),
+                                                           "listeners": self.listeners})
+
+    def _audio_of(self, request: Request, route: list, binary: bytes | None):
+        """16 kHz int16 samples of a play/capture request (base64 WAV or PCM, chunked, or a RAW frame)."""
+        kind = ObjectType.parse(request.object)
+        if binary is not None:
+            raw: Any = binary
+        else:
+            payload = request.data
+            if kind.stream:
+                payload = self._collect(request, route)
+                if payload is None:
+                    return None
+            if not isinstance(payload, str) or not payload:
+                raise UnitError(ErrorCode.EMPTY_DATA if payload in ("", None, "None") else ErrorCode.JSON_FORMAT)
+            try:
+                raw = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise UnitError(ErrorCode.BASE64_DECODING) from None
+        if not raw:
+            raise UnitError(ErrorCode.EMPTY_DATA)
+        return decode_audio(request.object, raw)
+
+    def _collect(self, request: Request, route: list) -> str | None:
+        """Join {delta, index, finish} chunks per (connection, request_id) (spec §10.5)."""
+        chunk = request.data
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("delta"), str):
+            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
+        key = (route[0] if route else None, route[2] if len(route) > 2 else None, request.request_id)
+        parts = self._streams.get(key)
+        finish = chunk.get("finish", True) is not False
+        if parts is None:
+            if finish:
+                return chunk["delta"]
+            parts = self._streams[key] = []
+        if chunk.get("index") != len(parts):
+            self._streams.pop(key, None)
+            raise UnitError(ErrorCode.STREAM_INDEX)
+        parts.append(chunk["delta"])
+        if sum(len(p) for p in parts) > int(self.settings["framing.max_stream_bytes"]):
+            self._streams.pop(key, None)
+            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over framing.max_stream_bytes")
+        if not finish:
+            return None
+        return "".join(self._streams.pop(key))

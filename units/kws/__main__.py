@@ -1,0 +1,4 @@
+from units.kws.unit import KwsUnit
+
+if __name__ == "__main__":
+    KwsUnit.main()

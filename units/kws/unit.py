@@ -1,0 +1,144 @@
+"""The kws unit (spec §16.4): wake words from the microphone (sys.pcm) or from client audio.
+
+Each wake outputs `true` (kws.bool) or, for a response_format containing "json", the JSON string
+{"keyword", "score", "timestamp_ms"}; linked tasks (asr, llm, tts, vad) receive it as well. The
+`trigger` action fakes a wake (spec §8.7). Protocol only: the model is units/kws/engine.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from core.envelope import Request, Response
+from core.errors import ErrorCode, UnitError
+from core.ids import ObjectType
+from core.microphone import PCM_SOURCE, PcmFeed
+from core.unit import Job, Task, Unit
+from units.kws.engine import Detection, KwsModel, load_kws, resolve_keywords
+
+log = logging.getLogger(__name__)
+
+PLAY_SOURCE = "sys.play"
+
+
+class KwsUnit(Unit):
+    name = "kws"
+    names = ("kws",)
+    extra_actions = ("trigger",)
+    defaults: dict[str, Any] = {
+        "kws": ["HEY JARVIS"],
+        "kws_strict": False,
+        "threshold": 0.5,
+        "refractory_ms": 2000,
+        "enwake_audio": True,
+        "wake_wav_file": "",
+        "enkws": False,
+    }
+    default_input = "sys.pcm"
+    default_response_format = "kws.bool"
+    # buttons_thread is accepted as StackFlow clients send it; unitbus has no button source to read.
+    input_sources = frozenset({"sys", "kws", "buttons_thread"})
+    max_queue_default = 8
+    needs_text = False
+
+    def load(self, task: Task) -> None:
+        params = task.params
+        key = ("kws", task.manifest.mode, json.dumps(params.get("keyword_models")), str(params.get("keyword_dir")))
+        try:
+            model: KwsModel = self.shared_model(key, lambda: load_kws(params))
+        except (OSError, ValueError) as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        try:
+            names, note = resolve_keywords(params["kws"], model.keywords)
+        except ValueError as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        if note and params["kws_strict"]:
+            raise UnitError(ErrorCode.MODEL_LOADING, note)
+        try:
+            task.state["detector"] = model.detector(names, params["threshold"], params["refractory_ms"])
+        except ValueError as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+        task.state["model"] = model
+        task.state["setup_note"] = note or ""
+        task.state["feed"] = PcmFeed()
+        task.state["wake_pcm"] = self._wake_sound(params) if params["enwake_audio"] else None
+        if note:
+            log.info("%s: %s", task.work_id, note)
+
+    @staticmethod
+    def _wake_sound(params: dict[str, Any]) -> bytes | None:
+        path = params.get("wake_wav_file")
+        if not path:
+            return None
+        from core import audio
+
+        try:
+            with open(path, "rb") as f:
+                return audio.parse_wav(f.read()).astype("<i2").tobytes()
+        except (OSError, audio.AudioError) as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, f"wake_wav_file {path}: {exc}") from None
+
+    # microphone --------------------------------------------------------------------------------
+    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+        if source != PCM_SOURCE:
+            return False
+        # kws keeps listening while the board speaks: that is what makes voice barge-in work.
+        if task.paused or not binary:
+            return True
+        if task.state["feed"].add(binary):
+            self.enqueue(task, self.chain_job(task, source, None, object="sys.pcm"))
+        return True
+
+    def on_chain(self, job: Job) -> None:
+        task = job.task
+        if task.state.pop("reset", False):
+            task.state["detector"].reset()  # here, in the worker: the detector is not thread-safe
+        pcm = task.state["feed"].take()
+        if pcm.size and not task.paused:
+            for detection in task.state["detector"].feed(pcm):
+                self._wake(job, detection)
+
+    def on_pause(self, task: Task) -> None:
+        task.state["feed"].clear()
+
+    def on_work(self, task: Task) -> None:
+        # A fresh start: audio from before the pause must not complete a wake word now.
+        task.state["feed"].clear()
+        task.state["reset"] = True
+
+    # client audio ------------------------------------------------------------------------------
+    def on_inference(self, job: Job) -> None:
+        task = job.task
+        pcm = job.pcm()
+        if not pcm.size:
+            raise UnitError(ErrorCode.EMPTY_DATA)
+        # A clip is judged on its own, with a detector of its own: it must not disturb the microphone's.
+        model: KwsModel = task.state["model"]
+        detector = model.detector(task.state["detector"].keywords, task.params["threshold"],
+                                  task.params["refractory_ms"])
+        for detection in [*detector.feed(pcm), *detector.flush()]:
+            if job.cancelled:
+                return
+            self._wake(job, detection)
+
+    # wakes -------------------------------------------------------------------------------------
+    def _wake(self, job: Job, detection: Detection) -> None:
+        task = job.task
+        if "json" in ObjectType.parse(task.response_format).flags:
+            job.emit(json.dumps({"keyword": detection.keyword, "score": round(detection.score, 3),
+                                 "timestamp_ms": detection.timestamp_ms}))
+        else:
+            job.emit(True)
+        wake_pcm = task.state.get("wake_pcm")
+        if wake_pcm:
+            self.publish(PLAY_SOURCE, binary=wake_pcm)
+
+    async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
+        if task is None:
+            raise UnitError(ErrorCode.UNIT_NOT_EXIST)
+        job = Job(self, task, request.request_id, "kws.trigger", None)
+        keyword = task.state["detector"].keywords[0]
+        # After the reply (spec §8.7 shows the reply first, then the kws.bool output).
+        self.loop.call_soon(self._wake, job, Detection(keyword, 1.0, 0))  # type: ignore[union-attr]
+        return Response(request.request_id, task.work_id)

@@ -1,0 +1,225 @@
+"""The tts unit, also serving `melotts` (spec §16.6, §10.4): text to speech with a Piper voice.
+
+Text arrives whole (tts.utf-8), as a client stream (processed chunk by chunk: each complete sentence is
+spoken at once, finish:true flushes the rest), or from a linked llm task (its stream spoken sentence by
+sentence while it is generated). Audio goes to the audio unit (published under sys.play) when
+response_format starts with "sys", and to the client as base64 raw PCM at `audio_rate` when `enoutput`.
+A wake from a linked kws task is barge-in: buffered llm text is dropped and playback stops.
+Protocol only: the voice is units/tts/engine.py.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from core import audio, bus
+from core.errors import ErrorCode, UnitError
+from core.ids import ObjectType
+from core.unit import Job, Task, Unit
+from units.tts.engine import MAX_SPEED, MIN_SPEED, TtsError, TtsVoice, load_tts
+from units.tts.text import SentenceSplitter
+
+log = logging.getLogger(__name__)
+
+PLAY_SOURCE = "sys.play"
+MIN_RATE, MAX_RATE = 8000, 48000
+
+
+class TtsUnit(Unit):
+    name = "tts"
+    names = ("tts", "melotts")
+    defaults: dict[str, Any] = {
+        "spacker_speed": 1.0,  # StackFlow's spelling
+        "speed": 1.0,
+        "audio_rate": 16000,
+        "awake_delay": 1000,
+        "enaudio": False,
+        "enkws": False,
+    }
+    default_input = "tts.utf-8"
+    default_response_format = "sys.pcm"
+    default_enoutput = False
+    link_kinds = frozenset({"llm", "kws"})
+    input_sources = frozenset({"tts", "melotts"})
+    max_queue_default = 8
+    reassemble_streams = False  # stream chunks are spoken as their sentences complete (spec §10.5)
+
+    def load(self, task: Task) -> None:
+        params = task.params
+        speed = params["spacker_speed"] if params["spacker_speed"] != 1.0 else params["speed"]
+        if not MIN_SPEED <= speed <= MAX_SPEED:
+            raise UnitError(ErrorCode.JSON_FORMAT, f"spacker_speed must be between {MIN_SPEED} and {MAX_SPEED}")
+        if not MIN_RATE <= params["audio_rate"] <= MAX_RATE:
+            raise UnitError(ErrorCode.JSON_FORMAT, f"audio_rate must be between {MIN_RATE} and {MAX_RATE} Hz")
+        if params["awake_delay"] < 0:
+            raise UnitError(ErrorCode.JSON_FORMAT, "awake_delay must not be negative")
+        try:
+            voice: TtsVoice = load_tts({**params, "mode": task.manifest.mode})
+        except (TtsError, ValueError, OSError) as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        task.state.update(voice=voice, speed=float(speed), splitters={}, out_index={}, chain_streams=set(),
+                          deaf_until=0.0,
+                          play=task.response_format.split(".")[0] == "sys")
+
+    # client text -------------------------------------------------------------------------------
+    def _inference(self, request, message: bus.Req, route: list) -> None:
+        if not ObjectType.parse(request.object).stream or message.binary is not None:
+            super()._inference(request, message, route)
+            return
+        task = self.tasks.get(request.work_id)
+        if task is None:
+            raise UnitError(ErrorCode.INFERENCE_PUSH)
+        task.last_request_id = request.request_id
+        self._take_ownership(task, route)
+        chunk = request.data
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("delta"), str):
+            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
+        conn_key = (route[0], route[2]) if route else None
+        key = (conn_key, request.request_id)
+        started = key in task.state["splitters"]
+        sentences, finish = self._split(task, key, chunk["delta"], chunk.get("finish", True) is not False)
+        if not sentences and not finish:
+            self._reply(route, None)  # nothing complete to say yet
+            return
+        job = Job(self, task, request.request_id, request.object, {"key": key, "sentences": sentences,
+                                                                   "finish": finish}, route=route, conn_key=conn_key)
+        if started:
+            task.queue.append(job)  # the rest of a stream already accepted: never refused half-way
+            task.wakeup.set()
+            return
+        try:
+            self.enqueue(task, job)
+        except UnitError:
+            task.state["splitters"].pop(key, None)  # refused: its next chunks are refused as a new stream
+            raise
+
+    @staticmethod
+    def _split(task: Task, key: tuple, delta: str, finish: bool) -> tuple[list[str], bool]:
+        splitters: dict[tuple, SentenceSplitter] = task.state["splitters"]
+        splitter = splitters.setdefault(key, SentenceSplitter())
+        sentences = splitter.feed(delta)
+        if finish:
+            rest = splitters.pop(key).flush()
+            if rest:
+                sentences.append(rest)
+        return sentences, finish
+
+    def on_inference(self, job: Job) -> None:
+        if isinstance(job.payload, dict):
+            self._speak_pieces(job)
+            return
+        if ObjectType.parse(job.object).flags & {"base64", "pcm", "wav"}:
+            raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{job.object}: tts takes text")
+        if not isinstance(job.payload, str):
+            raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
+        self._speak(job, job.payload)
+        if job.task.stream_output and job.task.enoutput and not job.cancelled:
+            job.stream("", True)
+
+    # linked tasks ------------------------------------------------------------------------------
+    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+        kind = task.upstream.get(source)
+        if kind == "kws":
+            self._barge_in(task)
+            return True
+        if kind != "llm" or response is None:
+            return True
+        if time.monotonic() < task.state["deaf_until"]:
+            return True  # the tail of an answer the wake interrupted
+        data = response.get("data")
+        if isinstance(data, dict):
+            delta, finish = data.get("delta"), bool(data.get("finish"))
+        else:
+            delta, finish = data, True
+        if not isinstance(delta, str):
+            return True
+        key = ("chain", source, response.get("request_id"))
+        sentences, finish = self._split(task, key, delta, finish)
+        started: set = task.state["chain_streams"]  # llm answers with a batch queued (so a stream to end)
+        if sentences or (finish and key in started):
+            self.enqueue(task, self.chain_job(task, source, {"key": key, "sentences": sentences, "finish": finish}))
+            if finish:
+                started.discard(key)
+            else:
+                started.add(key)
+        return True
+
+    def on_chain(self, job: Job) -> None:
+        self._speak_pieces(job)
+
+    def _barge_in(self, task: Task) -> None:
+        """Spec §12.3: drop text buffered from the llm, stop speaking, clear the play queue."""
+        task.state["deaf_until"] = time.monotonic() + task.params["awake_delay"] / 1000
+        for key in [k for k in task.state["splitters"] if k[0] == "chain"]:
+            del task.state["splitters"][key]
+        task.state["chain_streams"].clear()
+        for queued in [j for j in task.queue if j.route is None]:
+            task.queue.remove(queued)
+        if task.current is not None and task.current.route is None:
+            task.current.cancel.set()
+        self.publish(PLAY_SOURCE, data={"stop": True})
+
+    def on_pause(self, task: Task) -> None:
+        # pause stops playback and drops queued text (spec §8.4), user requests included.
+        for queued in list(task.queue):
+            if queued.route is not None:
+                self._cancel_queued(task, queued, "pause")
+            else:
+                task.queue.remove(queued)
+        task.state["splitters"].clear()
+        task.state["out_index"].clear()
+        task.state["chain_streams"].clear()
+        self.publish(PLAY_SOURCE, data={"stop": True})
+        task.paused = False  # tts keeps taking text after a pause; `work` is a no-op (spec §9)
+
+    def on_exit(self, task: Task) -> None:
+        if task.state.get("play"):
+            self.publish(PLAY_SOURCE, data={"stop": True})
+
+    # synthesis (worker thread) -----------------------------------------------------------------
+    def _speak_pieces(self, job: Job) -> None:
+        """One batch of complete sentences of a stream; the output index runs on across batches."""
+        task, payload = job.task, job.payload
+        key = payload["key"]
+        job.index = task.state["out_index"].get(key, 0)
+        for sentence in payload["sentences"]:
+            if job.cancelled:
+                break
+            self._speak(job, sentence)
+        if payload["finish"] or job.cancelled:
+            # A cancelled stream is over: the base sends its finish:true chunk.
+            task.state["out_index"].pop(key, None)
+            if payload["finish"] and task.stream_output and task.enoutput and not job.cancelled:
+                job.stream("", True)
+        else:
+            task.state["out_index"][key] = job.index
+            job.finished = True  # more chunks follow: the base must not end this stream for us
+
+    def _speak(self, job: Job, text: str) -> None:
+        task = job.task
+        voice: TtsVoice = task.state["voice"]
+        rate = task.params["audio_rate"]
+        try:
+            for pcm in voice.iter_synthesize(text, task.state["speed"], audio.RATE):
+                if job.cancelled:
+                    return
+                if task.state["play"]:
+                    self.publish(PLAY_SOURCE, binary=pcm.astype("<i2").tobytes())
+                if task.enoutput:
+                    self._return_audio(job, pcm, rate)
+        except TtsError as exc:
+            raise UnitError(ErrorCode.MODEL_RUN, str(exc)) from None
+
+    @staticmethod
+    def _return_audio(job: Job, pcm: np.ndarray, rate: int) -> None:
+        if rate != audio.RATE:
+            pcm = audio.float_to_int16(audio.resample(pcm.astype(np.float32) / 32768.0, audio.RATE, rate))
+        data = base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")
+        if job.task.stream_output:
+            job.stream(data)
+        else:
+            job.emit(data)

@@ -1,0 +1,4 @@
+from units.vad.unit import VadUnit
+
+if __name__ == "__main__":
+    VadUnit.main()

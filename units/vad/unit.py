@@ -1,0 +1,113 @@
+"""The vad unit (spec §16.5): `true` when speech starts, `false` when it ends, from the microphone or
+client audio. Linked to a kws task, it listens only after a wake and goes back to sleep after one
+speech segment. Protocol only: the model is units/vad/engine.py.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from core.errors import ErrorCode, UnitError
+from core.microphone import PCM_SOURCE, PcmFeed, frame_playing
+from core.unit import Job, Task, Unit
+from units.vad.engine import WINDOW, VadModel, VadSegmenter, load_vad
+
+log = logging.getLogger(__name__)
+
+
+class VadUnit(Unit):
+    name = "vad"
+    names = ("vad",)
+    defaults: dict[str, Any] = {
+        "silero_vad.threshold": 0.5,
+        "silero_vad.min_silence_duration": 0.5,
+        "silero_vad.min_speech_duration": 0.25,
+        "silero_vad.window_size": 512,
+    }
+    default_input = "sys.pcm"
+    default_response_format = "vad.bool"
+    link_kinds = frozenset({"kws"})
+    input_sources = frozenset({"sys", "vad"})
+    max_queue_default = 8
+    needs_text = False
+
+    def load(self, task: Task) -> None:
+        params = task.params
+        if params["silero_vad.window_size"] != WINDOW:  # checked here too: a shared model skips load_vad
+            raise UnitError(ErrorCode.MODEL_LOADING, f"silero_vad.window_size must be {WINDOW} at 16 kHz")
+        key = ("vad", task.manifest.mode, str(params.get("silero_vad.model")))
+        try:
+            model: VadModel = self.shared_model(key, lambda: load_vad(params))
+        except (OSError, ValueError) as exc:
+            raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        task.state["model"] = model
+        task.state["segmenter"] = self._segmenter(task, model)
+        task.state["feed"] = PcmFeed()
+        task.state["awake"] = False  # only matters while a kws task is linked
+
+    @staticmethod
+    def _segmenter(task: Task, model: VadModel) -> VadSegmenter:
+        params = task.params
+        try:
+            return model.segmenter(params["silero_vad.threshold"], params["silero_vad.min_speech_duration"],
+                                   params["silero_vad.min_silence_duration"])
+        except ValueError as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+
+    @staticmethod
+    def _gated(task: Task) -> bool:
+        return "kws" in task.upstream.values()
+
+    # microphone --------------------------------------------------------------------------------
+    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+        if task.upstream.get(source) == "kws":
+            if not task.state["awake"]:
+                task.state["awake"] = True
+                task.state["feed"].clear()
+                task.state["reset"] = True  # the worker resets the segmenter (it owns it)
+            return True
+        if source != PCM_SOURCE:
+            return False
+        if task.paused or not binary or (self._gated(task) and not task.state["awake"]):
+            return True
+        if frame_playing(response) and self.settings["audio.mute_capture_while_playing"]:
+            return True  # the board's own voice
+        if task.state["feed"].add(binary):
+            self.enqueue(task, self.chain_job(task, source, None, object="sys.pcm"))
+        return True
+
+    def on_chain(self, job: Job) -> None:
+        task = job.task
+        segmenter: VadSegmenter = task.state["segmenter"]
+        if task.state.pop("reset", False):
+            segmenter.reset()
+        pcm = task.state["feed"].take()
+        if not pcm.size or task.paused:
+            return
+        for event in segmenter.feed(pcm):
+            job.emit(event.speech)
+            if not event.speech and self._gated(task):
+                task.state["awake"] = False  # one segment per wake
+                task.state["feed"].clear()
+                segmenter.reset()
+                return
+
+    def on_pause(self, task: Task) -> None:
+        task.state["feed"].clear()
+        task.state["reset"] = True
+
+    def on_work(self, task: Task) -> None:
+        task.state["feed"].clear()
+        task.state["reset"] = True
+
+    # client audio ------------------------------------------------------------------------------
+    def on_inference(self, job: Job) -> None:
+        pcm = job.pcm()
+        if not pcm.size:
+            raise UnitError(ErrorCode.EMPTY_DATA)
+        # A clip is segmented on its own: it must not disturb the microphone's state.
+        segmenter = self._segmenter(job.task, job.task.state["model"])
+        for event in [*segmenter.feed(pcm), *segmenter.flush()]:
+            if job.cancelled:
+                return
+            job.emit(event.speech)
