@@ -17,12 +17,11 @@ import struct
 import sys
 import tempfile
 import termios
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import bus
-from core.envelope import NONE, Request, Response, error_reply, reply, stream_data
+from core.envelope import Request, Response, error_reply, reply, stream_data
 from core.errors import FILE_MISSING, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.manifest import ManifestStore

@@ -13,7 +13,7 @@ from typing import Any
 
 from core import bus
 from core.envelope import Request, Response, error_reply
-from core.errors import ErrorCode, UnitError
+from core.errors import ErrorCode
 from core.ids import WorkId
 from core.microphone import PCM_SOURCE
 from core.settings import Settings

@@ -18,7 +18,7 @@ from firmware_bridge.http.common import (call_unit, capabilities, number, open_l
                                          usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
-from firmware_bridge.http.streaming import STREAM_HEADERS, UnitStream, pump, sse, sse_response
+from firmware_bridge.http.streaming import STREAM_HEADERS, UnitStream, collect, pump, sse, sse_response
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "observation": "Observation",
@@ -217,18 +217,7 @@ def routes(app: FastAPI) -> None:
         if stream:
             return sse_response(events(unit_stream, head, rid, created, model, chat,
                                        float(settings["http.sse_keepalive_s"])))
-        parts, last = [], {}
-        try:
-            async for chunk in pump(unit_stream, head, None):
-                if chunk is None:
-                    continue
-                parts.append(chunk.get("delta") or "")
-                if chunk.get("finish"):
-                    last = chunk
-                    break
-        finally:
-            unit_stream.close()
-        text = "".join(parts)
+        text, last = await collect(unit_stream, head)
         usage = ai00_usage(last.get("usage"), time.monotonic() - started)
         if chat:
             choice = {"message": {"role": "Assistant", "content": text.strip()}, "index": 0,

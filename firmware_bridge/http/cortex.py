@@ -9,7 +9,6 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from core.envelope import Request as BusRequest
 from firmware_bridge.http import openai
 from firmware_bridge.http.common import capabilities, read_json, watch
 from firmware_bridge.http.errors import GatewayError
@@ -193,16 +192,7 @@ def routes(app: FastAPI) -> None:
         management()
         manifest = await find(model_id)
         await stop(model_id)
-        names = {manifest["mode"], *manifest.get("aliases", [])}
-        users = [t["work_id"] for t in await gw.tasks() if t.get("model") in names]
-        if users:
-            raise GatewayError(409, f"Model in use by {users[0]}")
-        response = await gw.client.request(BusRequest("http-rmmode", "sys", "rmmode", "None", manifest["mode"]))
-        if response is None or response.code != 0:
-            code = response.code if response is not None else -9
-            if code in (-30, -31):
-                raise GatewayError(403, f"sys.rmmode is disabled: {response.message}")
-            raise GatewayError.from_unit(code, response.message if response else "no reply")
+        await gw.delete_model(manifest, in_use="Model in use by {}")
         return JSONResponse({"id": manifest["mode"], "object": "model", "deleted": True,
                              "message": "Deleted successfully!"})
 

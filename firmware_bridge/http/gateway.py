@@ -359,6 +359,19 @@ class Gateway:
             served.ready.set_result(None)
         return True
 
+    async def delete_model(self, manifest: dict, in_use: str = "model in use by {}") -> None:
+        """Remove an installed model with sys.rmmode; refused (409) while a task uses it."""
+        names = {manifest["mode"], *manifest.get("aliases", [])}
+        users = [t["work_id"] for t in await self.tasks() if t.get("model") in names]
+        if users:
+            raise GatewayError(409, in_use.format(users[0]))
+        response = await self.client.request(Request("http-rmmode", "sys", "rmmode", "None", manifest["mode"]))
+        if response is None or response.code != 0:
+            code = response.code if response is not None else -9
+            if code in (-30, -31):
+                raise GatewayError(403, f"sys.rmmode is disabled: {response.message}")
+            raise GatewayError.from_unit(code, response.message if response else "no reply")
+
     def retry_after(self, served: Served) -> float:
         """(queue length + 1) x recent mean request time, clamped to 1..60 s (§1.5)."""
         mean = sum(served.durations) / len(served.durations) if served.durations else 2.0

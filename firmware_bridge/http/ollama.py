@@ -11,12 +11,11 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from core.envelope import Request as BusRequest
 from firmware_bridge.http import openai
 from firmware_bridge.http.common import (capabilities, number, open_llm, read_json, stop_list, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway, parse_duration
-from firmware_bridge.http.streaming import UnitStream, ndjson, ndjson_response, pump
+from firmware_bridge.http.streaming import UnitStream, collect, ndjson, ndjson_response, pump
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +249,8 @@ def routes(app: FastAPI) -> None:
 
         if body.get("stream", True) is not False:
             return ndjson_response(ndjson_events(unit_stream, head, piece))
-        parts, last = [], {}
-        try:
-            async for chunk in pump(unit_stream, head, None):
-                if chunk is None:
-                    continue
-                parts.append(chunk.get("delta") or "")
-                if chunk.get("finish"):
-                    last = chunk
-                    break
-        finally:
-            unit_stream.close()
-        return JSONResponse(piece("".join(parts), True, last))
+        text, last = await collect(unit_stream, head)
+        return JSONResponse(piece(text, True, last))
 
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
@@ -354,16 +343,7 @@ def routes(app: FastAPI) -> None:
         body = await read_json(request)
         manifest, _ = await find(gw, body.get("model") or body.get("name"))
         await gw.unload(manifest["mode"])
-        users = [t["work_id"] for t in await gw.tasks()
-                 if t.get("model") in [manifest["mode"], *manifest.get("aliases", [])]]
-        if users:
-            raise GatewayError(409, f"model in use by {users[0]}")
-        response = await gw.client.request(BusRequest("http-rmmode", "sys", "rmmode", "None", manifest["mode"]))
-        if response is None or response.code != 0:
-            code = response.code if response is not None else -9
-            if code in (-30, -31):
-                raise GatewayError(403, f"sys.rmmode is disabled: {response.message}")
-            raise GatewayError.from_unit(code, response.message if response else "no reply")
+        await gw.delete_model(manifest)
         return Response(status_code=200)
 
     async def embed_vectors(request: Request, model: Any, texts: list[str], keep_alive: Any) -> tuple[int, list]:

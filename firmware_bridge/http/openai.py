@@ -18,7 +18,7 @@ from firmware_bridge.http.common import (call_unit, capabilities, finish_reason,
                                          require_capability, stop_list, usage_totals)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
-from firmware_bridge.http.streaming import UnitStream, pump, sse, sse_response
+from firmware_bridge.http.streaming import UnitStream, collect, pump, sse, sse_response
 
 log = logging.getLogger(__name__)
 
@@ -185,21 +185,6 @@ async def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int
         yield sse({"error": exc.openai_error()})
     finally:
         unit_stream.close()
-
-
-async def collect(unit_stream: UnitStream, head: Any) -> tuple[str, dict]:
-    parts, last = [], {}
-    try:
-        async for chunk in pump(unit_stream, head, None):
-            if chunk is None:
-                continue
-            parts.append(chunk.get("delta") or "")
-            if chunk.get("finish"):
-                last = chunk
-                break
-    finally:
-        unit_stream.close()
-    return "".join(parts), last
 
 
 # routes -------------------------------------------------------------------------------------------

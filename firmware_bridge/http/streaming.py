@@ -111,3 +111,19 @@ async def pump(stream: UnitStream, head: Any, keepalive_s: float | None) -> Asyn
             item = KEEPALIVE_DUE
         except StopAsyncIteration:
             return
+
+
+async def collect(unit_stream: UnitStream, head: Any) -> tuple[str, dict]:
+    """A whole (non-streamed) answer: the joined text and the final chunk (usage, finish_reason)."""
+    parts, last = [], {}
+    try:
+        async for chunk in pump(unit_stream, head, None):
+            if chunk is None:
+                continue
+            parts.append(chunk.get("delta") or "")
+            if chunk.get("finish"):
+                last = chunk
+                break
+    finally:
+        unit_stream.close()
+    return "".join(parts), last

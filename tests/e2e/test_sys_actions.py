@@ -1,7 +1,6 @@
 """The sys actions that are off by default, once enabled in unitbus.toml (spec §7.5-§7.9), and readiness."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import socket
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 
-from support import REPO, StackFlowClient, free_port
+from support import REPO, StackFlowClient
 
 pytestmark = pytest.mark.e2e
 

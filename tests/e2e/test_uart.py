@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import serial
@@ -44,7 +43,7 @@ def read_messages(port: serial.Serial, count: int, timeout: float = 15.0) -> lis
 
 def test_mcu_frames_without_newlines_and_braces_in_strings(stack_factory, pty_pair):
     board, mcu = pty_pair
-    stack = stack_factory(["skel"], {"uart.enabled": "true", "uart.device": str(board), "framing.escape_braces": "true"})
+    stack_factory(["skel"], {"uart.enabled": "true", "uart.device": str(board), "framing.escape_braces": "true"})
     with serial.Serial(str(mcu), 115200, timeout=0.1) as port:
         port.write(b'{"request_id":"sys_ping","work_id":"sys","action":"ping","object":"None","data":"None"}')
         assert read_messages(port, 1)[0]["error"]["code"] == 0

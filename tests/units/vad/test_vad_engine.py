@@ -48,7 +48,7 @@ def test_events_arrive_in_stream_order_and_chunking_does_not_matter(vad_model, s
     expected = run(vad_model, pcm)
     seg = vad_model.segmenter()
     rng = np.random.default_rng(2)
-    got, pos, fed = [], 0, 0
+    got, pos = [], 0
     while pos < len(pcm):
         n = int(rng.choice([1, 100, 511, 512, 513, 1600, 7000]))
         new = seg.feed(pcm[pos:pos + n])
