@@ -93,7 +93,7 @@ def test_chat_completion_extension_stop_strings_and_context(llm_stack):
                           "data": {"prompt": "word " * 9000, "max_tokens": 5}})
         assert huge["error"]["code"] == -35 and "context" in huge["error"]["message"]
         unsupported = c.request({"request_id": "fmt", "work_id": work_id, "action": "inference",
-                                 "object": "llm.chat_completion", "data": {"prompt": "x", "grammar": {"type": "kbnf", "text": "x"}}})
+                                 "object": "llm.chat_completion", "data": {"prompt": "x", "tools": [{"type": "function"}]}})
         assert unsupported["error"]["code"] == -37
         scored = c.request({"request_id": "sc", "work_id": work_id, "action": "inference", "object": "llm.score",
                             "data": {"input": "The capital of France is", "choices": [" Paris", " banana"]}})

@@ -233,12 +233,12 @@ class Generation:
     usage, tokens (the generated ids, without the end token) and text (everything emitted)."""
 
     def __init__(self, engine: "LlmEngine", prompt_ids: Sequence[int], sampler: Sampler, max_new_tokens: int,
-                 stop: Sequence[str], cancel: threading.Event | None):
+                 stop: Sequence[str], cancel: threading.Event | None, constraint: Any = None):
         self.finish_reason: str | None = None
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self.tokens: list[int] = []
         self.text = ""
-        self._run = self._generate(engine, list(prompt_ids), sampler, max_new_tokens, stop, cancel)
+        self._run = self._generate(engine, list(prompt_ids), sampler, max_new_tokens, stop, cancel, constraint)
 
     def __iter__(self) -> "Generation":
         return self
@@ -259,7 +259,7 @@ class Generation:
         self.close()
 
     def _generate(self, engine: "LlmEngine", prompt: list[int], sampler: Sampler, max_new: int,
-                  stop: Sequence[str], cancel: threading.Event | None) -> Iterator[str]:
+                  stop: Sequence[str], cancel: threading.Event | None, constraint: Any) -> Iterator[str]:
         usage = self.usage
         text = TextAssembler(stop)
         stop_ids = engine.stop_ids
@@ -281,15 +281,25 @@ class Generation:
                 if len(self.tokens) >= max_new:
                     self.finish_reason = "length"
                     break
-                token = sampler.sample(logits)
+                if constraint is not None:
+                    # Masked before the sampler, so bias, penalties and the cut-offs only see allowed tokens.
+                    constraint.apply(logits)
+                    token = sampler.sample(logits)
+                    if not constraint.allows(token):  # a float rounding edge of the draw: take the best allowed
+                        token = int(np.argmax(logits))
+                else:
+                    token = sampler.sample(logits)
                 if token in stop_ids:
                     self.finish_reason = "stop"
                     break
+                if constraint is not None:
+                    constraint.accept(token)
                 sampler.accept(token)
                 self.tokens.append(token)
                 usage.completion_tokens = len(self.tokens)
                 # Control tokens other than the end ones are not text (llama.cpp renders them empty).
-                if text.add(b"" if token in specials else piece(token)):
+                done = constraint is not None and constraint.finished  # nothing but an end token may follow
+                if text.add(b"" if token in specials else piece(token)) or done:
                     self.finish_reason = "stop"
                     break
                 pending += 1
@@ -380,12 +390,16 @@ class LlmEngine:
             raise ValueError(f"token ids out of range: {bad[:5]}")
 
     def generate(self, prompt_ids: Sequence[int], sampler: Sampler | None = None, max_new_tokens: int = 256,
-                 stop: Sequence[str] = (), cancel: threading.Event | None = None) -> Generation:
+                 stop: Sequence[str] = (), cancel: threading.Event | None = None, constraint: Any = None) -> Generation:
         """Text deltas (about every 3 tokens, never a split UTF-8 character, never a stop string or a
         prefix of one that may still complete) until an end token, a stop string, max_new_tokens, the
-        context limit or `cancel`. Nothing runs until the first next()."""
+        context limit or `cancel`. Nothing runs until the first next().
+
+        `constraint` (a grammar.GrammarConstraint, fresh per generation) restricts every step to the
+        tokens its grammar allows and ends the generation ("stop") once the grammar is complete."""
         self.check_prompt(prompt_ids)
-        return Generation(self, prompt_ids, sampler or Sampler(temperature=0.0), max_new_tokens, stop, cancel)
+        return Generation(self, prompt_ids, sampler or Sampler(temperature=0.0), max_new_tokens, stop, cancel,
+                          constraint)
 
     # ------------------------------------------------------------------ scoring and embeddings
 

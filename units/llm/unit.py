@@ -18,7 +18,9 @@ RESET_ANSWER = "Context has been reset."
 # Request keys of llm.chat_completion that change sampling for one request (spec §11.3).
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "penalty_window",
                  "presence_penalty", "frequency_penalty", "penalty_decay", "seed", "logit_bias", "sampler")
-UNSUPPORTED_KEYS = ("format", "grammar", "images", "tools")
+UNSUPPORTED_KEYS = ("images", "tools")
+# Request keys asking for constrained decoding (units/llm/grammar.py); models need the "grammar" capability.
+GRAMMAR_KEYS = ("format", "grammar")
 
 
 class LlmUnit(Unit):
@@ -122,9 +124,7 @@ class LlmUnit(Unit):
             self._deliver_whole(job, RESET_ANSWER)
             return
         messages = [*task.state["history"], {"role": "user", "content": text}]
-        result = self._generate(job, messages, None, {}, extension=False)
-        if task.params["keep_context"] and result is not None:
-            task.state["history"] = [*messages, {"role": "assistant", "content": result}]
+        self._generate(job, messages, None, {}, extension=False)
 
     def _chat_completion(self, job: Job, request: dict[str, Any]) -> None:
         task = job.task
@@ -146,8 +146,25 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, "llm.chat_completion needs messages or prompt")
         self._generate(job, messages, raw_prompt, request, extension=True, context=context)
 
+    @staticmethod
+    def _constraint(task: Task, engine: LlmEngine, request: dict[str, Any]):
+        """The grammar constraint a request asks for (None: unconstrained)."""
+        asked = [key for key in GRAMMAR_KEYS if request.get(key)]
+        if not asked:
+            return None
+        if "grammar" not in task.manifest.data.get("capabilities", []):
+            raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{asked[0]} not supported by {task.manifest.mode}")
+        from units.llm.grammar import build_constraint
+
+        try:
+            return build_constraint(engine, request.get("format"), request.get("grammar"))
+        except ImportError:  # llguidance missing from this installation
+            raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{asked[0]} needs the llguidance package") from None
+        except ValueError as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+
     def _generate(self, job: Job, messages: list[dict], raw_prompt: str | None, request: dict[str, Any],
-                  extension: bool, context: list[int] | None = None) -> str | None:
+                  extension: bool, context: list[int] | None = None) -> None:
         task = job.task
         engine: LlmEngine = task.state["engine"]
         params = task.params
@@ -174,8 +191,9 @@ class LlmUnit(Unit):
                 raise UnitError(ErrorCode.CONTEXT_EXCEEDED, f"prompt {len(ids)} tokens + max_token_len {max_new} "
                                                             f"> context {engine.context_length}")
         sampler = Sampler(self._sampling(params, request))
+        constraint = self._constraint(task, engine, request)
         try:
-            generation = engine.generate(ids, sampler, max_new, stop=stop, cancel=job.cancel)
+            generation = engine.generate(ids, sampler, max_new, stop=stop, cancel=job.cancel, constraint=constraint)
         except ContextOverflow as exc:
             raise UnitError(ErrorCode.CONTEXT_EXCEEDED, str(exc)) from None
         except ValueError as exc:
@@ -195,13 +213,15 @@ class LlmUnit(Unit):
                                 "load_ms": 0}}
             if request.get("return_tokens"):
                 extras["tokens"] = ids + generation.tokens
+        if not extension and params["keep_context"] and generation.finish_reason != "cancelled":
+            # Before the final message: a client that asks right after it must see the new turn.
+            task.state["history"] = [*messages, {"role": "assistant", "content": text}]
         if streaming:
             job.stream("", True, **extras)
         elif extension:
             job.emit({"text": text, **extras})
         else:
             job.emit(text)
-        return text if generation.finish_reason != "cancelled" else None
 
     @staticmethod
     def _sampling(params: dict[str, Any], request: dict[str, Any]):
