@@ -1,4 +1,4 @@
-"""HTTP gateway overhead: tokens/s and time to first token seen by streaming HTTP clients, against the
+"""Bus and gateway overhead: tokens/s and time to first token seen by streaming HTTP clients, against the
 llm engine alone (`units.llm.engine.load_llm`), measured in the same run on the same prompt.
 
     python tests/bench/bench_http.py [--tokens 128] [--rounds 3]
@@ -7,7 +7,8 @@ Greedy decoding with the end tokens biased by -100 (the most an OpenAI logit_bia
 so each side generates the same --tokens tokens. Sides:
 - engine: generate() in this process (first delta = first ~3 tokens, as the unit streams them);
 - openai: the `openai` client streaming /v1/chat/completions through a real stack (sys, llm unit, gateway);
-- ollama: the `ollama` client streaming /api/chat on the same stack.
+- ollama: the `ollama` client streaming /api/chat on the same stack;
+- stackflow: a script on TCP 10001 through the bridge and sys, streaming llm.chat_completion.
 TTFT is request sent -> first text delta; decode tok/s is (tokens - 1) over the time after the first delta;
 e2e tok/s is tokens over the whole request. Best of --rounds. The sides take turns within each round (the
 idle stack costs next to nothing while the engine runs), so a noisy shared machine slows all sides alike.
@@ -104,6 +105,31 @@ def ollama_side(url: str, tokens: int, rounds: int, bias: dict) -> list[dict]:
     return out
 
 
+def stackflow_side(port: int, tokens: int, rounds: int, bias: dict) -> list[dict]:
+    from support import StackFlowClient
+
+    out = []
+    with StackFlowClient(port, timeout=300) as c:
+        setup = c.request({"request_id": "s", "work_id": "llm", "action": "setup",
+                           "data": {"model": MODEL, "response_format": "llm.utf-8.stream", "enoutput": True}})
+        work_id = setup["work_id"]
+        for n in range(rounds):
+            started = time.perf_counter()
+            first = None
+            c.send({"request_id": f"b{n}", "work_id": work_id, "action": "inference", "object": "llm.chat_completion",
+                    "data": {"messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "logit_bias": bias}})
+            while True:
+                data = c.read_for(f"b{n}")["data"]
+                if first is None and data.get("delta"):
+                    first = time.perf_counter()
+                if data.get("finish"):
+                    break
+            end = time.perf_counter()
+            out.append(measure(started, first, end, data["usage"]["completion_tokens"]))
+        c.request({"request_id": "x", "work_id": work_id, "action": "exit"})
+    return out
+
+
 def best(rows: list[dict]) -> dict:
     return {"ttft_ms": min(r["ttft_ms"] for r in rows), "decode_tps": max(r["decode_tps"] for r in rows),
             "e2e_tps": max(r["e2e_tps"] for r in rows), "tokens": rows[0]["tokens"]}
@@ -124,7 +150,8 @@ def main() -> None:
     settings = {"up.http": "true", "http.ai00.enabled": "false", "http.cortex.enabled": "false",
                 **{f"http.{api}.port": str(port) for api, port in ports.items()}}
     stack = Stack(Path(tempfile.mkdtemp(prefix="bench-http-")), ["llm"], settings).start()
-    rows: dict[str, list[dict]] = {"engine alone": [], "openai stream (HTTP)": [], "ollama stream (HTTP)": []}
+    rows: dict[str, list[dict]] = {"engine alone": [], "openai stream (HTTP)": [], "ollama stream (HTTP)": [],
+                                   "stackflow TCP": []}
     try:
         base = {api: f"http://127.0.0.1:{port}" for api, port in ports.items()}
         deadline = time.monotonic() + 60
@@ -141,6 +168,7 @@ def main() -> None:
             rows["engine alone"] += engine_side(engine, args.tokens, 1)
             rows["openai stream (HTTP)"] += openai_side(base["openai"], args.tokens, 1, bias)
             rows["ollama stream (HTTP)"] += ollama_side(base["ollama"], args.tokens, 1, bias)
+            rows["stackflow TCP"] += stackflow_side(stack.port, args.tokens, 1, bias)
     finally:
         stack.stop(check=False)
     results = {name: best(r) for name, r in rows.items()}
