@@ -88,8 +88,9 @@ def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
             "decode_tps": sorted(tps[1:])[len(tps[1:]) // 2], "rss_mb": rss, "peak_mb": peak, "load_s": load_s}
 
 
-def run_child(python: str, side: str, args: argparse.Namespace, gguf: str) -> dict:
-    cmd = [python, __file__, "--child", side, "--gguf", gguf, "--threads", str(args.threads),
+def run_child(python: str, side: str, args: argparse.Namespace, gguf: str, script: str = __file__) -> dict:
+    """Run one side in a fresh process of `python` (the peer lives in its own venv); its last line is JSON."""
+    cmd = [python, script, "--child", side, "--gguf", gguf, "--threads", str(args.threads),
            "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:

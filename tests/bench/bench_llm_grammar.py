@@ -17,10 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llm import run_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "models" / "mode_smollm2-135m-instruct.json"
@@ -91,15 +93,6 @@ def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
     return out
 
 
-def run_child(python: str, side: str, args: argparse.Namespace, gguf: str) -> dict:
-    cmd = [python, __file__, "--child", side, "--gguf", gguf, "--threads", str(args.threads),
-           "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"{side} benchmark failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer-python", default=os.environ.get("UNITBUS_PEER_LLAMA_PYTHON", "/tmp/peer-llama/bin/python"),
@@ -122,8 +115,8 @@ def main() -> None:
     manifest = json.loads(MANIFEST.read_text())
     gguf = str(resolve_pkg_url(manifest["mode_param"]["gguf"]))
     convert_manifest(manifest)
-    ours = run_child(sys.executable, "unitbus", args, gguf)
-    peer = run_child(args.peer_python, "peer", args, gguf)
+    ours = run_child(sys.executable, "unitbus", args, gguf, __file__)
+    peer = run_child(args.peer_python, "peer", args, gguf, __file__)
     print(f"SmolLM2-135M-Instruct Q4_1, {args.threads} threads, greedy, up to {args.tokens} tokens, "
           f"median of {args.repeats} runs; llguidance tokenizer build {ours['tokenizer_ms']:.0f} ms (once per engine)")
     print(f"{'metric':44s} {'unitbus':>10s} {'llama.cpp':>10s} {'ratio':>7s}")
