@@ -41,14 +41,16 @@ class Message:
     def encode(self) -> list[bytes]:
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "binary"}
         body["t"] = self.kind
-        frames = [msgpack.packb(body, use_bin_type=True)]
+        # surrogatepass: a client's "\ud800" is a valid JSON string; the bus carries it as it is and only
+        # the envelope codec replaces it with U+FFFD on the way out.
+        frames = [msgpack.packb(body, use_bin_type=True, unicode_errors="surrogatepass")]
         if getattr(self, "binary", None) is not None:
             frames.append(self.binary)
         return frames
 
     @staticmethod
     def decode(frames: list[bytes]) -> "Message":
-        body = msgpack.unpackb(frames[0], raw=False)
+        body = msgpack.unpackb(frames[0], raw=False, unicode_errors="surrogatepass")
         cls = Message.registry[body.pop("t")]
         if len(frames) > 1:
             body["binary"] = frames[1]

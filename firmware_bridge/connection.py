@@ -35,7 +35,11 @@ class Connection:
     def received(self, chunk: bytes) -> None:
         for event in self.framer.feed(chunk):
             if isinstance(event, Frame):
-                self._frame(event)
+                try:
+                    self._frame(event)
+                except Exception as exc:  # a bug costs this frame an error answer, never the frames after it
+                    log.exception("%s: frame handling failed", self.label)
+                    self.send(error_reply("0", "sys", ErrorCode.OPERATION_FAILED, type(exc).__name__))
             else:
                 self.send(error_reply(event.request_id, "sys", event.code, event.detail or None))
 

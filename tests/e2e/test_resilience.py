@@ -210,3 +210,33 @@ def test_garbage_and_random_requests_never_crash_anything(stack_factory, seed):
         c.send(b'{"request_id":"last","work_id":"sys","action":"ping"}')
         assert c.read_for("last", timeout=60)["error"]["code"] == 0
     assert {name: skel_stack.pid_of(name) for name in pids} == pids  # nothing crashed or restarted
+
+
+def test_every_malformed_request_gets_exactly_one_answer(skel_stack):
+    rng = random.Random(11)
+    values = ["None", "", "skel.1000", None, 3, [], {}, {"delta": 1}, {"delta": "x", "index": -1, "finish": False},
+              "\ud800", "a" * 5000, 1e308, True, {"model": 5}]
+    sent = []
+    with StackFlowClient(skel_stack.port, timeout=30) as c:
+        for n in range(300):
+            body = {"request_id": f"r{n}", "work_id": rng.choice(["sys", "skel", "skel.1000", "", "x.1", "sys.any"]),
+                    "action": rng.choice(["setup", "inference", "link", "unlink", "pause", "work", "exit", "taskinfo",
+                                          "ping", "lstask", "uartsetup", "trigger", "", "version"]),
+                    "object": rng.choice(["None", "skel.utf-8", "skel.utf-8.stream", "skel.base64", "work_id", 5]),
+                    "data": rng.choice(values)}
+            sent.append(body["request_id"])
+            c.send(json.dumps(body).encode())
+        c.send(b'{"request_id":"last","work_id":"sys","action":"ping"}')
+        answers: dict[str, int] = {}
+        while "last" not in answers:
+            message = c.read(timeout=30)
+            answers[message["request_id"]] = answers.get(message["request_id"], 0) + 1
+        # Answers from units (and sys actions that run as tasks) may come after the quick ping.
+        while True:
+            try:
+                message = c.read(timeout=2)
+            except TimeoutError:
+                break
+            answers[message["request_id"]] = answers.get(message["request_id"], 0) + 1
+    # No setup here can succeed (no valid model), so every request is answered once, by a reply or an error.
+    assert {rid: answers.get(rid, 0) for rid in sent} == {rid: 1 for rid in sent}
