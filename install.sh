@@ -8,11 +8,15 @@ with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
 # espeak-ng: TTS phonemes and fallback voice; sox: test audio; socat: UART tests; systemd: unit-file checks.
+python=${PYTHON:-python3}
 programs=(espeak-ng sox)
+# Debian's python3 needs python3-venv for `python3 -m venv`.
+"$python" -c "import ensurepip" 2>/dev/null || programs+=(python3-venv)
 [ $with_tests = 1 ] && programs+=(socat systemd)
 missing=()
 for p in "${programs[@]}"; do
     case $p in systemd) command -v systemd-analyze >/dev/null || missing+=(systemd) ;;
+         python3-venv) missing+=(python3-venv) ;;
                      *) command -v "$p" >/dev/null || missing+=("$p") ;; esac
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,7 +26,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 extras="convert"
