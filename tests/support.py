@@ -1,6 +1,7 @@
 """Helpers for black-box tests: start a real stack, speak StackFlow to it over a real socket."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,37 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def espeak_wav(text: str, out: Path, voice: str = "en-us", speed: int = 150) -> Path:
+    """Speech from the espeak-ng program, resampled by sox to a 16 kHz mono 16-bit WAV at `out`."""
+    raw = out.with_name(out.stem + ".raw.wav")
+    subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True, capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)], check=True, capture_output=True)
+    raw.unlink()
+    return out
+
+
+def espeak_pcm(text: str, folder: Path, voice: str = "en-us", speed: int = 150):
+    """int16 samples of espeak_wav(), kept in `folder` so the same sentence is synthesized once."""
+    import wave
+
+    import numpy as np
+
+    stem = f"{voice}_{speed}_{hashlib.sha1(text.encode()).hexdigest()[:10]}".replace("+", "_")
+    out = Path(folder) / f"{stem}.wav"
+    if not out.exists():
+        espeak_wav(text, out, voice, speed)
+    with wave.open(str(out)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+
+def trim_silence(pcm, level: int = 200):
+    """Cut leading and trailing samples quieter than `level`, so where speech starts and ends is known."""
+    import numpy as np
+
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > level)
+    return pcm[loud[0]:loud[-1] + 1]
 
 
 def free_port() -> int:

@@ -1,13 +1,12 @@
 """Test speech for the voice units: espeak-ng, resampled to 16 kHz mono by sox, over low noise."""
 from __future__ import annotations
 
-import hashlib
 import shutil
-import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
+
+from support import espeak_pcm, trim_silence
 
 RATE = 16000
 NOISE_RMS = 30.0  # about -60 dBFS: below the asr's speech level, like a quiet room
@@ -19,17 +18,7 @@ def have_tools() -> bool:
 
 def speech(text: str, folder: Path, voice: str = "en-us", speed: int = 150) -> np.ndarray:
     """int16 speech at 16 kHz with espeak-ng's leading and trailing silence trimmed."""
-    stem = f"{voice}_{speed}_{hashlib.sha1(text.encode()).hexdigest()[:10]}".replace("+", "_")
-    raw, out = folder / f"{stem}.raw.wav", folder / f"{stem}.wav"
-    if not out.exists():
-        subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True,
-                       capture_output=True)
-        subprocess.run(["sox", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out)], check=True,
-                       capture_output=True)
-    with wave.open(str(out)) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 200)
-    return pcm[loud[0]:loud[-1] + 1]
+    return trim_silence(espeak_pcm(text, folder, voice, speed))
 
 
 def scene(parts: list[np.ndarray | float], seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]]]:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import wave
 from pathlib import Path
 
 import numpy as np
+
+from support import espeak_wav
 
 COMMANDS = [
     "turn on the kitchen lights",
@@ -33,11 +34,7 @@ def have_tools() -> bool:
 
 def synthesize(text: str, voice: str, speed: int, out: Path) -> Path:
     """espeak-ng speech resampled by sox to 16 kHz mono 16-bit WAV."""
-    raw = out.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)], check=True, capture_output=True)
-    raw.unlink()
-    return out
+    return espeak_wav(text, out, voice, speed)
 
 
 def read_wav(path: Path) -> np.ndarray:

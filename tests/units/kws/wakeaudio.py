@@ -5,14 +5,13 @@ a detection fires. espeak-ng's own leading and trailing silence is trimmed befor
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
-import subprocess
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from support import espeak_pcm, trim_silence
 
 SAMPLE_RATE = 16000
 WAKE_TEXTS = {"HEY JARVIS": "hey jarvis", "HEY RHASSPY": "hey rhasspy", "ALEXA": "alexa"}
@@ -42,19 +41,11 @@ def have_tools() -> bool:
 
 def synthesize(text: str, voice: str, speed: int, folder: Path) -> np.ndarray:
     """16 kHz mono int16 speech from espeak-ng, resampled by sox."""
-    stem = f"{voice}_{speed}_{hashlib.sha1(text.encode()).hexdigest()[:10]}".replace("+", "_")
-    raw, out = folder / f"{stem}.raw.wav", folder / f"{stem}.wav"
-    subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True,
-                   capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(out)], check=True,
-                   capture_output=True)
-    with wave.open(str(out)) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    return espeak_pcm(text, folder, voice, speed)
 
 
 def trim(speech: np.ndarray, level: int = 200) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(speech.astype(np.int32)) > level)
-    return speech[loud[0]:loud[-1] + 1]
+    return trim_silence(speech, level)
 
 
 @dataclass

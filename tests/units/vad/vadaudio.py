@@ -1,11 +1,11 @@
 """Speech scenes for the vad tests: espeak-ng phrases placed at known times over low noise."""
 from __future__ import annotations
 
-import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
+
+from support import espeak_pcm, trim_silence
 
 SAMPLE_RATE = 16000
 SENTENCES = [
@@ -17,14 +17,7 @@ SENTENCES = [
 
 def speak(text: str, voice: str, speed: int, folder: Path) -> np.ndarray:
     """espeak-ng speech at 16 kHz with its leading and trailing silence cut, so its bounds are known."""
-    raw, out = folder / "raw.wav", folder / f"{voice}_{speed}_{len(text)}.wav".replace("+", "_")
-    subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(out)], check=True,
-                   capture_output=True)
-    with wave.open(str(out)) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > 200)
-    return pcm[loud[0]:loud[-1] + 1]
+    return trim_silence(espeak_pcm(text, folder, voice, speed))
 
 
 def scene(phrases: list[np.ndarray], gaps_s: list[float], rng: np.random.Generator, noise_rms: float = 30.0):
