@@ -217,7 +217,7 @@ def routes(app: FastAPI) -> None:
         if stream:
             return sse_response(events(unit_stream, head, rid, created, model, chat,
                                        float(settings["http.sse_keepalive_s"])))
-        text, last = await collect(unit_stream, head)
+        text, last = await collect(unit_stream, head, request)
         usage = ai00_usage(last.get("usage"), time.monotonic() - started)
         if chat:
             choice = {"message": {"role": "Assistant", "content": text.strip()}, "index": 0,

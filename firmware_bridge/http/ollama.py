@@ -249,7 +249,7 @@ def routes(app: FastAPI) -> None:
 
         if body.get("stream", True) is not False:
             return ndjson_response(ndjson_events(unit_stream, head, piece))
-        text, last = await collect(unit_stream, head)
+        text, last = await collect(unit_stream, head, request)
         return JSONResponse(piece(text, True, last))
 
     @app.post("/api/generate")

@@ -214,7 +214,7 @@ def routes(app: FastAPI) -> None:
                                             float(settings["http.sse_keepalive_s"]),
                                             bool(isinstance(options, dict) and options.get("include_usage")),
                                             completion), headers)
-        text, last = await collect(unit_stream, head)
+        text, last = await collect(unit_stream, head, request)
         if completion:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
         else:

@@ -113,17 +113,29 @@ async def pump(stream: UnitStream, head: Any, keepalive_s: float | None) -> Asyn
             return
 
 
-async def collect(unit_stream: UnitStream, head: Any) -> tuple[str, dict]:
-    """A whole (non-streamed) answer: the joined text and the final chunk (usage, finish_reason)."""
+async def collect(unit_stream: UnitStream, head: Any, request: Request) -> tuple[str, dict]:
+    """A whole (non-streamed) answer: the joined text and the final chunk (usage, finish_reason).
+    The client is checked once a second while the unit generates: nobody reads an answer whose client left."""
     parts, last = [], {}
+    checked = time.monotonic()
+    chunk = head
     try:
-        async for chunk in pump(unit_stream, head, None):
-            if chunk is None:
-                continue
-            parts.append(chunk.get("delta") or "")
-            if chunk.get("finish"):
-                last = chunk
+        while True:
+            if chunk is not None:
+                parts.append(chunk.get("delta") or "")
+                if chunk.get("finish"):
+                    last = chunk
+                    break
+            try:
+                chunk = await unit_stream.next(POLL_S)
+            except asyncio.TimeoutError:
+                chunk = None
+            except StopAsyncIteration:
                 break
+            if time.monotonic() - checked >= POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientGone()
     finally:
         unit_stream.close()
     return "".join(parts), last

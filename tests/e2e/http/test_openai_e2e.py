@@ -217,3 +217,14 @@ def test_queued_request_of_a_gone_client_never_runs(http_stack):
     # Both are gone: a new short request runs at once instead of after two 600-token generations.
     assert timed_short_request(http_stack) < 4.0
     assert http_stack.log().count("499 client closed request") >= 1
+
+
+def test_non_streamed_request_of_a_gone_client_stops_generating(http_stack):
+    story = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 600,
+             "temperature": 0.8, "stream": False}
+    before = http_stack.log().count("499 client closed request")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(http_stack.url("openai", "/v1/chat/completions"), json=story, timeout=httpx.Timeout(60, read=2.0))
+    # The gateway checks the client once a second while collecting and pauses the generation.
+    assert timed_short_request(http_stack) < 4.0
+    assert http_stack.log().count("499 client closed request") > before
