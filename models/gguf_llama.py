@@ -1,4 +1,5 @@
-"""llama-architecture GGUF to an onnxruntime graph, a `tokenizers` tokenizer.json and a config.json.
+"""llama-architecture GGUF to an onnxruntime graph, a `tokenizers` tokenizer.json (plus its compiled tables,
+tokenizer.npz) and a config.json.
 
 The GGUF is read with the `gguf` package's `GGUFReader`; the graph is built with `onnx.helper`.
 Weights keep their GGUF precision, exactly (MODELS.md, "SmolLM2 GGUF to an onnxruntime graph"):
@@ -42,7 +43,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 3
+CONVERTER_VERSION = 4
 BLOCK = 32
 # Page-aligned offsets let onnxruntime memory-map the external data instead of reading it into the heap.
 _ALIGN = 4096
@@ -445,7 +446,8 @@ def cache_is_current(out_dir: Path, gguf_path: Path) -> bool:
     fresh = _source_record(gguf_path)
     recorded = config.get("source", {})
     same = all(recorded.get(k) == fresh[k] for k in ("size", "mtime_ns", "converter"))
-    return same and all((out_dir / f).exists() for f in ("model.onnx", "model.onnx.data", "tokenizer.json", "token_embd.bin"))
+    return same and all((out_dir / f).exists() for f in ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer.npz",
+                                                           "token_embd.bin"))
 
 
 def default_out_dir(gguf_path: Path) -> Path:
@@ -473,6 +475,9 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     config = {**facts, **special_facts(g), **chat_facts(g), "embedding": embedding, "weight_types": sorted(types),
               "source": _source_record(gguf_path)}
     tokenizer.save(str(out_dir / "tokenizer.json"))
+    from units.llm.tokenizer import save_bpe
+
+    save_bpe(out_dir / "tokenizer.json", out_dir / "tokenizer.npz")
     save_model(model, out_dir)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 

@@ -1,5 +1,5 @@
 """The llm engine: a llama GGUF converted to one onnxruntime graph (models/gguf_llama.py), generation,
-scoring and embeddings. numpy/onnxruntime/tokenizers only: no bus, no asyncio.
+scoring and embeddings. numpy/onnxruntime/regex only: no bus, no asyncio.
 
 One loaded LlmEngine serves many generations at once from different threads: the session and the
 tokenizer are read-only, and each generation owns its KV cache and its IOBinding.
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # Prompt tokens per graph run: bounds the attention scratch ([heads, chunk, context] floats).
 PREFILL_CHUNK = 256
-# The KV cache grows in steps of this many positions (doubling), so a short chat does not pay for
-# the whole context window.
+# The KV cache grows by half its size, in multiples of this many positions, so a short chat does not
+# pay for the whole context window (and a long one copies the cache a logarithmic number of times).
 KV_STEP = 64
 # Linux madvise advice: reclaim these pages now if they are clean (never discards data).
 _MADV_PAGEOUT = 21
@@ -196,7 +196,7 @@ class _Sequence:
         n = embeds.shape[1]
         if self.length + n > self.capacity:
             limit = self.engine.context_length
-            want = max(self.length + n, min(2 * self.capacity, limit))
+            want = max(self.length + n, min(self.capacity + max(KV_STEP, self.capacity // 2), limit))
             self._resize(min(limit, -(-want // KV_STEP) * KV_STEP))
         self._bind_embeds(embeds)
         logits = self._bind_logits(keep)
@@ -332,7 +332,7 @@ class LlmEngine:
         self.model_dir = Path(model_dir)
         self.config: dict[str, Any] = json.loads((self.model_dir / "config.json").read_text())
         t0 = time.perf_counter()
-        self.tokenizer = TextTokenizer(self.model_dir / "tokenizer.json", self.config["special_ids"])
+        self.tokenizer = TextTokenizer(self.model_dir / "tokenizer.npz", self.config["special_ids"])
         return_memory_to_os()  # before the session allocates on top of the parser's freed memory
         self.session = create_session(self.model_dir / "model.onnx", threads=threads)
         return_memory_to_os((self.model_dir / "model.onnx.data").resolve())

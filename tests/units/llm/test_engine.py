@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,24 @@ def test_load_llm_reuses_the_conversion(model_dir, manifest):
     assert convert_manifest(manifest) == model_dir
     assert time.perf_counter() - t0 < 1.0
     assert (model_dir / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_a_loaded_engine_keeps_heavy_libraries_out(model_dir):
+    """Resident memory: generating (sampled, seeded) loads neither the tokenizers library nor numpy.random
+    (which brings OpenSSL), nor the converter's onnx and gguf."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from units.llm.engine import LlmEngine\n"
+        "from units.llm.sampler import Sampler\n"
+        f"e = LlmEngine({str(model_dir)!r}, threads=2)\n"
+        "gen = e.generate(e.encode('Hello'), Sampler(temperature=0.8, top_p=0.9, seed=3), 4)\n"
+        "assert len(list(gen)) >= 1\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tokenizers', 'onnx', 'gguf', '_hashlib')\n"
+        "             or m == 'numpy.random'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[3]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

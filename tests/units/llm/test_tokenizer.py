@@ -1,6 +1,10 @@
 """Tokenizer ids against an independent byte-level BPE run directly over the GGUF vocabulary and merges
-(the smollm pre-tokenizer: every digit alone, then GPT-2's split), plus exact round trips."""
+(the smollm pre-tokenizer: every digit alone, then GPT-2's split) and against the `tokenizers` library
+on the converted tokenizer.json, plus exact round trips."""
 from __future__ import annotations
+
+import pathlib
+import random
 
 import pytest
 import regex  # test dependency: \p{L} classes for the reference pre-tokenizer
@@ -70,6 +74,19 @@ def reference(gguf_reader):
 @pytest.mark.parametrize("text", TRICKY)
 def test_ids_match_reference_bpe(engine, reference, text):
     assert engine.encode(text) == reference.encode(text)
+
+
+def test_ids_match_the_tokenizers_library(engine, model_dir):
+    from tokenizers import Tokenizer
+
+    library = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    rng = random.Random(7)
+    alphabet = list("\x00\x04\x7f abcXYZ\t\n\r0123456789'.,!?-_éüñßÅ日本語中文😀👍🏽\u200d½²Ⅻ\u00a0\u3000") + [
+        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "'s", "'ll", " the", " 1", "  ", "\n\n"]
+    texts = TRICKY + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(1500)]
+    texts.append(pathlib.Path(__file__).read_text(encoding="utf-8"))  # a long text: this file
+    for text in texts:
+        assert engine.encode(text) == library.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 @pytest.mark.parametrize("text", TRICKY)
