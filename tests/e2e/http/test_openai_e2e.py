@@ -5,6 +5,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +17,17 @@ MODEL = "smollm2-135m-instruct"
 
 pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture(scope="module")
+def long_story():
+    """A request that surely runs for seconds: 600 tokens with the end tokens banned."""
+    from models.gguf_llama import convert_manifest
+
+    manifest = json.loads((Path(__file__).resolve().parents[3] / "models" / f"mode_{MODEL}.json").read_text())
+    config = json.loads((convert_manifest(manifest, progress=False) / "config.json").read_text())
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 600,
+            "temperature": 0.8, "logit_bias": {str(i): -100 for i in config["stop_ids"]}}
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +137,9 @@ def timed_short_request(http_stack) -> float:
     return time.monotonic() - started
 
 
-def test_client_disconnect_stops_generation(http_stack):
+def test_client_disconnect_stops_generation(http_stack, long_story):
     with httpx.stream("POST", http_stack.url("openai", "/v1/chat/completions"), timeout=60,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
-                            "max_tokens": 600, "temperature": 0.8, "stream": True}) as response:
+                      json={**long_story, "stream": True}) as response:
         lines = response.iter_lines()
         rid = None
         for line in lines:
@@ -203,9 +214,8 @@ def test_deterministic_500_is_not_retried(http_stack):
     assert info.value.response.json()["code"] == 2005
 
 
-def test_queued_request_of_a_gone_client_never_runs(http_stack):
-    story = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 600,
-             "temperature": 0.8}
+def test_queued_request_of_a_gone_client_never_runs(http_stack, long_story):
+    story = long_story
     url = http_stack.url("openai", "/v1/chat/completions")
     with httpx.stream("POST", url, json={**story, "stream": True}, timeout=60) as running:
         lines = running.iter_lines()  # kept referenced: a collected iterator would close the connection
@@ -219,9 +229,8 @@ def test_queued_request_of_a_gone_client_never_runs(http_stack):
     assert http_stack.log().count("499 client closed request") >= 1
 
 
-def test_non_streamed_request_of_a_gone_client_stops_generating(http_stack):
-    story = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 600,
-             "temperature": 0.8, "stream": False}
+def test_non_streamed_request_of_a_gone_client_stops_generating(http_stack, long_story):
+    story = {**long_story, "stream": False}
     before = http_stack.log().count("499 client closed request")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(http_stack.url("openai", "/v1/chat/completions"), json=story, timeout=httpx.Timeout(60, read=2.0))
