@@ -1,7 +1,7 @@
 """Bus and gateway overhead: tokens/s and time to first token seen by streaming HTTP clients, against the
 llm engine alone (`units.llm.engine.load_llm`), measured in the same run on the same prompt.
 
-    python tests/bench/bench_http.py [--tokens 128] [--rounds 3]
+    python tests/bench/bench_http.py [--tokens 128] [--rounds 3] [--threads 2]
 
 Greedy decoding with the end tokens biased by -100 (the most an OpenAI logit_bias allows) on every side,
 so each side generates the same --tokens tokens. Sides:
@@ -12,6 +12,9 @@ so each side generates the same --tokens tokens. Sides:
 TTFT is request sent -> first text delta; decode tok/s is (tokens - 1) over the time after the first delta;
 e2e tok/s is tokens over the whole request. Best of --rounds. The sides take turns within each round (the
 idle stack costs next to nothing while the engine runs), so a noisy shared machine slows all sides alike.
+--threads sets onnxruntime's threads on every side: with as many threads as cores, every message the
+bus, gateway and client handle takes CPU time from the engine; with a core left free (as on a board
+whose NPU runs the model) the ratio shows the bus and gateway alone.
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write a long story about a small robot who learns to paint the sea."}]
 
 
-def load_engine():
+def load_engine(threads: int):
     from units.llm.engine import load_llm
 
-    engine = load_llm(json.loads(MANIFEST.read_text())["mode_param"])
+    engine = load_llm({**json.loads(MANIFEST.read_text())["mode_param"], "threads": threads})
     return engine, {str(i): -100 for i in engine.stop_ids}
 
 
@@ -139,9 +142,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the engine and of the unit")
     args = parser.parse_args()
 
-    engine, bias = load_engine()
+    engine, bias = load_engine(args.threads)
 
     import httpx
     from support import Stack, free_port
@@ -149,7 +153,8 @@ def main() -> None:
     ports = {"openai": free_port(), "ollama": free_port()}
     settings = {"up.http": "true", "http.ai00.enabled": "false", "http.cortex.enabled": "false",
                 **{f"http.{api}.port": str(port) for api, port in ports.items()}}
-    stack = Stack(Path(tempfile.mkdtemp(prefix="bench-http-")), ["llm"], settings).start()
+    stack = Stack(Path(tempfile.mkdtemp(prefix="bench-http-")), ["llm"], settings,
+                  env={"UNITBUS_THREADS": str(args.threads)}).start()
     rows: dict[str, list[dict]] = {"engine alone": [], "openai stream (HTTP)": [], "ollama stream (HTTP)": [],
                                    "stackflow TCP": []}
     try:
@@ -174,7 +179,8 @@ def main() -> None:
     results = {name: best(r) for name, r in rows.items()}
 
     ref = results["engine alone"]
-    print(f"\nSmolLM2-135M Q4_1, {args.tokens} new tokens, greedy, best of {args.rounds}\n")
+    print(f"\nSmolLM2-135M Q4_1, {args.threads} onnxruntime threads, {args.tokens} new tokens, greedy, "
+          f"best of {args.rounds}\n")
     print(f"{'side':<22}{'tokens':>7}{'TTFT ms':>10}{'x engine':>10}{'decode tok/s':>14}{'x engine':>10}"
           f"{'e2e tok/s':>11}{'x engine':>10}")
     for name, r in results.items():
