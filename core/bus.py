@@ -281,6 +281,10 @@ class DealerSocket:
         except zmq.ZMQError as exc:
             log.error("bus send failed (%s): %s dropped", exc, type(message).__name__)
 
+    @property
+    def closed(self) -> bool:
+        return self._sock.sock.closed
+
     def close(self) -> None:
         self._sock.close()
 

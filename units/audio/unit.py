@@ -63,7 +63,7 @@ class AudioUnit(Unit):
 
     def send(self, message: bus.Message) -> None:
         # The capture thread's last frames can reach the loop after the socket closed at shutdown.
-        if self.sock is not None and not self.sock.sock.closed:
+        if self.sock is not None and not self.sock.closed:
             super().send(message)
 
     # capture -----------------------------------------------------------------------------------
