@@ -10,9 +10,16 @@ RTF = synthesis time / audio duration (lower is better); ratio = ours / piper (t
 "ours" is the float voice as published, "int8" the opt-in int8-decoder build (`quantize: "int8"`),
 "spin" the float voice with onnxruntime's spinning threads on, as piper-tts runs (`spin: true`):
 it shows how much of the difference comes from not spinning on a busy machine.
+Both sides do the same work: text in, int16 samples out at the voice's own rate (22050 Hz), with no
+resampling on either side (ours resamples to the bus rate only when asked for another rate), and
+both run two onnxruntime intra-op threads (piper-tts's default is one per physical core; the
+bench prints that count).
 Each text is synthesised by every engine in turn (order rotating), several times; each cell is the
-best run, so load from other processes on the machine hurts all engines alike. Times are printed,
-never asserted.
+best run, so load from other processes on the machine hurts all engines alike. Before each timed
+call the bench waits SETTLE_S: onnxruntime's threads keep spinning for a while after a run that
+allowed it (piper-tts's and "spin"'s do), and rotation keeps the engines' cyclic order, so without
+the pause the same engine would always start on a core still held by its predecessor.
+Times are printed, never asserted.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+SETTLE_S = 0.05
 
 TEXTS = [
     "Hello.",
@@ -77,12 +86,25 @@ class Peer:
 
 
 def ours(voice):
+    rate = voice.native_rate
+
     def run(text: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        pcm = voice.synthesize(text)  # phonemes, synthesis and the 22050 -> 16000 resampling
-        return time.perf_counter() - t0, len(pcm) / 16000
+        pcm = voice.synthesize(text, rate=rate)  # phonemes, synthesis, int16, as piper-tts does
+        return time.perf_counter() - t0, len(pcm) / rate
 
     return run
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs: what piper-tts's onnxruntime uses as its thread count."""
+    cores = set()
+    for topo in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topo / "physical_package_id").read_text(), (topo / "core_id").read_text()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
 
 
 def main() -> None:
@@ -119,6 +141,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in names}
         for r in range(args.repeats):
             for k in names[r % len(names):] + names[:r % len(names)]:
+                time.sleep(SETTLE_S)
                 seconds, audio_s = engines[k](text)
                 results[k].append((seconds / audio_s, seconds, audio_s))
         for k in names:
@@ -126,7 +149,10 @@ def main() -> None:
     if peer:
         peer.close()
 
-    print(f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}, best of {args.repeats}")
+    from core.runtime import DEFAULT_THREADS
+
+    print(f"cpu cores: {os.cpu_count()}, physical: {physical_cores()}, our threads: {DEFAULT_THREADS}, "
+          f"load average: {os.getloadavg()[0]:.2f}, best of {args.repeats}, output 22050 Hz int16 on both sides")
     header = f"{'text':46s} {'audio s':>7s} " + " ".join(f"{k + ' RTF':>10s}" for k in names)
     if "piper" in best:
         header += " " + " ".join(f"{k + '/piper':>11s}" for k in names if k != "piper")

@@ -4,7 +4,8 @@ Piper's own package is GPL; this runs the voice ONNX directly. espeak-ng is call
 program (argument vector, text on stdin), so no GPL code is loaded in-process. When the voice file is
 missing or onnxruntime cannot load it, espeak-ng's own synthesiser is the voice.
 
-Imports only numpy, stdlib, core.runtime/core.paths/core.audio and the text helpers next to this file.
+Imports only numpy, stdlib, core.runtime/core.paths/core.audio and the helpers next to this file (onnx
+only to build the cached voice files, units.tts.optimize and units.tts.quantize).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import subprocess
 import threading
 import unicodedata
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,7 +37,7 @@ OUTPUT_RATE = audio.RATE
 MIN_SPEED, MAX_SPEED = 0.1, 10.0
 ESPEAK_TIMEOUT_S = 30.0
 ESPEAK_PARALLEL = 8  # espeak-ng processes started at once for one sentence's clauses
-ESPEAK_SPARES = 2  # idle espeak-ng processes kept started and waiting for text
+ESPEAK_SPARES = 4  # idle espeak-ng processes kept started and waiting for text
 # Longer sentences are synthesised in pieces cut at word boundaries: VITS memory and latency grow
 # with the sentence, and a run-on llm answer should not stall the first audio.
 MAX_PHONEMES = 400
@@ -90,6 +92,8 @@ class Espeak:
         self._spares: list[subprocess.Popen] = []
         self._spare_count = spares
         self._lock = threading.Lock()
+        # Talks to a sentence's other clauses' processes and starts the next spares, off the caller's path.
+        self._pool = ThreadPoolExecutor(ESPEAK_PARALLEL, thread_name_prefix="espeak")
         weakref.finalize(self, _stop_all, self._spares)
         self._refill()
 
@@ -112,14 +116,18 @@ class Espeak:
         with self._lock:
             missing = self._spare_count - len(self._spares)
         fresh = [self._spawn() for _ in range(max(0, missing))]
-        with self._lock:
-            self._spares.extend(fresh)
+        with self._lock:  # refills may overlap, and close() may have come meanwhile
+            keep = max(0, self._spare_count - len(self._spares))
+            self._spares.extend(fresh[:keep])
+            fresh = fresh[keep:]
+        _stop_all(fresh)
 
     def close(self) -> None:
         """Stop the idle espeak-ng processes kept for the next sentences."""
         with self._lock:
             self._spare_count = 0
         _stop_all(self._spares)
+        self._pool.shutdown(wait=False)
 
     def _run(self, args: list[str], text: str) -> bytes:
         # Text goes through stdin so that text starting with '-' can never be read as an option.
@@ -152,26 +160,36 @@ class Espeak:
         procs: list[subprocess.Popen] = []
         try:
             procs = [self._take() for _ in texts]
-            out = []
-            for i, text in enumerate(texts):
-                data = text.encode("utf-8")
-                try:
-                    stdout, stderr = procs[i].communicate(data, timeout=ESPEAK_TIMEOUT_S)
-                except BrokenPipeError:  # a spare that died while waiting: start a fresh one
-                    procs[i] = self._spawn()
-                    stdout, stderr = procs[i].communicate(data, timeout=ESPEAK_TIMEOUT_S)
-                if procs[i].returncode != 0:
-                    detail = stderr.decode("utf-8", "replace").strip()
-                    raise TtsError(f"espeak-ng exited {procs[i].returncode}: {detail}")
-                # espeak-ng prints one line per clause it sees; they belong to the same clause here.
-                lines = stdout.decode("utf-8", "replace").splitlines()
-                out.append(" ".join(line.strip() for line in lines if line.strip()))
-            return out
+            # Each process reads all of its text before it starts: one communicate() at a time
+            # would phonemize the clauses one after the other, so the others go to the pool.
+            others = [self._pool.submit(self._talk, procs, i, texts[i]) for i in range(1, len(texts))]
+            try:
+                first = self._talk(procs, 0, texts[0])
+            finally:
+                wait(others)
+            return [first] + [f.result() for f in others]
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise TtsError(f"espeak-ng failed: {exc}") from exc
         finally:
             _stop_all(procs)
-            self._refill()
+            try:
+                self._pool.submit(self._refill)
+            except RuntimeError:  # closed meanwhile: no spares wanted
+                pass
+
+    def _talk(self, procs: list[subprocess.Popen], i: int, text: str) -> str:
+        data = text.encode("utf-8")
+        try:
+            stdout, stderr = procs[i].communicate(data, timeout=ESPEAK_TIMEOUT_S)
+        except BrokenPipeError:  # a spare that died while waiting: start a fresh one
+            procs[i] = self._spawn()
+            stdout, stderr = procs[i].communicate(data, timeout=ESPEAK_TIMEOUT_S)
+        if procs[i].returncode != 0:
+            detail = stderr.decode("utf-8", "replace").strip()
+            raise TtsError(f"espeak-ng exited {procs[i].returncode}: {detail}")
+        # espeak-ng prints one line per clause it sees; they belong to the same clause here.
+        lines = stdout.decode("utf-8", "replace").splitlines()
+        return " ".join(line.strip() for line in lines if line.strip())
 
     def speak(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
         """espeak-ng's own synthesis: (float32 mono, rate)."""
@@ -267,6 +285,8 @@ class PiperModel:
                 return [voice.ids(ph) for text in texts for ph in phonemize(espeak, text)]
 
             source = int8_voice(model, f"{model.name.removesuffix('.onnx')}-int8", calibration_ids)
+        else:
+            source = _float_voice(model)
         # Spinning worker threads burn the cores the other units (kws, vad, llm) need between ops;
         # measured here it made synthesis slower, not faster, whenever the machine was busy.
         options = None if spin else {"session.intra_op.allow_spinning": "0"}
@@ -294,6 +314,17 @@ class PiperModel:
         if self.speaker_id is not None:
             feeds["sid"] = np.asarray([self.speaker_id], dtype=np.int64)
         return self.session.run(None, feeds)[0].reshape(-1).astype(np.float32, copy=False)
+
+
+def _float_voice(model: Path) -> Path:
+    """The voice with its upsampling rewritten exactly (units.tts.optimize), else the file as it is."""
+    from units.tts.optimize import fast_voice
+
+    try:
+        return fast_voice(model, f"{model.name.removesuffix('.onnx')}-fast")
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("running the voice %s as exported, without the faster upsampling (%s)", model, exc)
+        return model
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -359,14 +390,29 @@ class TtsVoice:
                 if samples.size:
                     yield audio.resample(samples, rate, self.native_rate)
             return
-        # Sentence by sentence, phonemes included: the first sentence plays while the rest is prepared.
-        for group in _sentences_of(text):
-            for piece in _pieces(_sentence_phonemes(self.espeak, group)):
-                ids = self.model.ids(piece)
-                if len(ids) <= 3:
-                    continue  # nothing the voice can say
-                wav = self.model.run(ids, self.noise_scale, self.length_scale / speed, self.noise_w)
-                yield _normalise(wav)
+        # Sentence by sentence: the first sentence plays while the rest is prepared, and the next
+        # sentence's phonemes are made by espeak-ng while onnxruntime speaks this one.
+        groups = _sentences_of(text)
+        if not groups:
+            return
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="tts-phonemes") if len(groups) > 1 else None
+        try:
+            upcoming: Future | None = None
+            phonemes = _sentence_phonemes(self.espeak, groups[0])
+            for i in range(len(groups)):
+                if ahead is not None and i + 1 < len(groups):
+                    upcoming = ahead.submit(_sentence_phonemes, self.espeak, groups[i + 1])
+                for piece in _pieces(phonemes):
+                    ids = self.model.ids(piece)
+                    if len(ids) <= 3:
+                        continue  # nothing the voice can say
+                    wav = self.model.run(ids, self.noise_scale, self.length_scale / speed, self.noise_w)
+                    yield _normalise(wav)
+                if upcoming is not None:
+                    phonemes, upcoming = upcoming.result(), None
+        finally:
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
 
     def iter_synthesize(self, text: str, speed: float = 1.0, rate: int = OUTPUT_RATE) -> Iterator[np.ndarray]:
         """int16 PCM at `rate`, one array per sentence: long texts start playing before they are done."""
@@ -411,7 +457,8 @@ def load_tts(params: Mapping[str, Any]) -> TtsVoice:
     Keys read (others are ignored): `voice` (ONNX file: pkg://, absolute path; default the Joe
     voice), `voice_config` (default `<voice>.json`), `espeak_voice` (default from the voice JSON),
     `espeak_program` ("espeak-ng"), `noise_scale`, `length_scale`, `noise_w` (default from the voice
-    JSON), `quantize` ("none", or "int8": int8 decoder built once and cached, see units.tts.quantize),
+    JSON), `quantize` ("none": float, with the upsampling rewritten exactly, built once and cached,
+    see units.tts.optimize; or "int8": int8 decoder built once and cached, see units.tts.quantize),
     `threads` (onnxruntime intra-op threads), `spin` (let onnxruntime threads spin; default false),
     `mode` (a name for logs).
     The ONNX session is shared by every task that loads the same file with the same settings. If

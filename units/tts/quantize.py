@@ -5,23 +5,18 @@ decoder is quantized: the text encoder, duration predictor and flow decide timin
 so the int8 voice speaks with the same rhythm. The cost is a higher noise floor in pauses (about
 -50 dB below the peak instead of -70 dB or lower), which is why it is opt-in (`quantize: "int8"`).
 
-Built once from calibration sentences spoken by the float voice's own phonemizer, then cached under
-core.paths.cache_dir()/<name>/ (written to a temporary folder and renamed, so a crash never leaves
-half a model; rebuilt when the source file's size or mtime changes).
+Built once from calibration sentences spoken by the float voice's own phonemizer, then cached
+(units.tts.cache).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from core.paths import cache_dir
+from units.tts.cache import cached_build, replace_nodes
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +33,6 @@ CALIBRATION_TEXTS = [
 FORMAT_VERSION = 1
 
 
-def _source_stamp(model: Path) -> dict:
-    st = model.stat()
-    return {"source": str(model), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": FORMAT_VERSION}
-
-
 def int8_voice(model: Path, name: str, calibration_ids: Callable[[Iterable[str]], list[list[int]]]) -> Path:
     """Path of the int8-decoder voice for `model`, building and caching it when needed.
 
@@ -50,30 +40,11 @@ def int8_voice(model: Path, name: str, calibration_ids: Callable[[Iterable[str]]
     Raises ImportError when the onnx package (needed by onnxruntime.quantization) is missing and
     ValueError when the file has no Piper decoder convolutions.
     """
-    target = cache_dir() / name
-    stamp = _source_stamp(model)
-    meta = target / "source.json"
-    if meta.is_file() and (target / "model.onnx").is_file():
-        try:
-            if json.loads(meta.read_text()) == stamp:
-                return target / "model.onnx"
-        except (OSError, ValueError):
-            pass
-    log.info("building the int8 voice %s from %s (once, about 10 s)", name, model)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir()))
-    try:
-        _quantize(model, work / "model.onnx", calibration_ids(CALIBRATION_TEXTS))
-        (work / "source.json").write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)  # stale build of an older source
-        try:
-            os.rename(work, target)
-        except OSError:
-            if not (target / "model.onnx").is_file():  # another process won the race: use its build
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target / "model.onnx"
+    def build(dest: Path) -> None:
+        log.info("building the int8 voice %s from %s (once, about 10 s)", name, model)
+        _quantize(model, dest, calibration_ids(CALIBRATION_TEXTS))
+
+    return cached_build(model, name, FORMAT_VERSION, build)
 
 
 def _decoder_convs(graph) -> list:
@@ -194,12 +165,6 @@ def _quantize(source: Path, dest: Path, sequences: list[list[int]]) -> None:
         pair[0].input[0] = f"{y}_float"  # Conv -> Q -> DQ -> y: consumers of y are unchanged
         nodes.extend(pair)
         qdq[y] = y  # already quantize-dequantized in place: a following conv reads it as is
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]  # drop the replaced float weights
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    replace_nodes(graph, nodes, new_inits)  # the replaced float weights go
     onnx.checker.check_model(model)
     onnx.save(model, str(dest))
