@@ -6,7 +6,7 @@ import re
 import secrets
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -18,7 +18,7 @@ from firmware_bridge.http.common import (call_unit, capabilities, number, open_l
                                          usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
-from firmware_bridge.http.streaming import STREAM_HEADERS, UnitStream, collect, pump, sse, sse_response
+from firmware_bridge.http.streaming import STREAM_HEADERS, UnitStream, collect, openai_sse, sse, sse_response
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "observation": "Observation",
@@ -137,8 +137,8 @@ def reason_of(chunk: dict) -> str | None:
     return "length" if reason == "length" else "stop" if chunk.get("finish") else None
 
 
-async def events(unit_stream: UnitStream, head: Any, rid: str, created: int, model: str, chat: bool,
-                 keepalive_s: float):
+def events(unit_stream: UnitStream, head: Any, rid: str, created: int, model: str, chat: bool,
+           keepalive_s: float) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion.chunk"
 
     def event(payload: dict, reason: str | None) -> bytes:
@@ -146,28 +146,25 @@ async def events(unit_stream: UnitStream, head: Any, rid: str, created: int, mod
             {"text": payload.get("content", ""), "index": 0, "finish_reason": reason}
         return sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
 
-    started = False
-    try:
-        if chat:
-            yield event({"role": "Assistant"}, None)
-        async for chunk in pump(unit_stream, head, keepalive_s):
-            if chunk is None:
-                yield b": keep-alive\n\n"
-                continue
-            delta = chunk.get("delta") or ""
-            if not started and chat:
-                delta = delta.lstrip()
-            if delta:
-                started = True
-                yield event({"content": delta}, None)
-            if chunk.get("finish"):
-                yield event({}, reason_of(chunk))
-                break
-        yield b"data: [DONE]\n\n"
-    except GatewayError as exc:
-        yield sse({"error": exc.openai_error()})
-    finally:
-        unit_stream.close()
+    announced = started = False
+
+    def render(chunk: dict) -> list[bytes]:
+        nonlocal announced, started
+        out = []
+        if not announced and chat:
+            out.append(event({"role": "Assistant"}, None))
+        announced = True
+        delta = chunk.get("delta") or ""
+        if not started and chat:
+            delta = delta.lstrip()  # the first content chunk loses its leading whitespace (§4)
+        if delta:
+            started = True
+            out.append(event({"content": delta}, None))
+        if chunk.get("finish"):
+            out.append(event({}, reason_of(chunk)))
+        return out
+
+    return openai_sse(unit_stream, head, keepalive_s, render)
 
 
 def routes(app: FastAPI) -> None:

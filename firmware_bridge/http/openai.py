@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 import wave
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -18,7 +18,7 @@ from firmware_bridge.http.common import (call_unit, capabilities, finish_reason,
                                          require_capability, stop_list, usage_totals)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
-from firmware_bridge.http.streaming import UnitStream, collect, pump, sse, sse_response
+from firmware_bridge.http.streaming import UnitStream, collect, openai_sse, sse, sse_response
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def new_id(prefix: str) -> str:
 
 
 # streaming bodies ---------------------------------------------------------------------------------
-async def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int, model: str, keepalive_s: float,
-                      include_usage: bool, completion: bool):
+def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int, model: str, keepalive_s: float,
+                include_usage: bool, completion: bool) -> AsyncIterator[bytes]:
     obj = "text_completion" if completion else "chat.completion.chunk"
 
     def event(choices: list, **extra) -> bytes:
@@ -165,26 +165,22 @@ async def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
 
     started = False
-    try:
-        async for chunk in pump(unit_stream, head, keepalive_s):
-            if chunk is None:
-                yield b": keep-alive\n\n"
-                continue
-            if not started and not completion:
-                yield event([choice({"role": "assistant", "content": ""}, None)])
-            started = True
-            if chunk.get("delta"):
-                yield event([choice(chunk["delta"] if completion else {"content": chunk["delta"]}, None)])
-            if chunk.get("finish"):
-                yield event([choice("" if completion else {}, finish_reason(chunk))])
-                if include_usage:
-                    yield event([], usage=usage_totals(chunk.get("usage")))
-                break
-        yield b"data: [DONE]\n\n"
-    except GatewayError as exc:
-        yield sse({"error": exc.openai_error()})
-    finally:
-        unit_stream.close()
+
+    def render(chunk: dict) -> list[bytes]:
+        nonlocal started
+        out = []
+        if not started and not completion:
+            out.append(event([choice({"role": "assistant", "content": ""}, None)]))
+        started = True
+        if chunk.get("delta"):
+            out.append(event([choice(chunk["delta"] if completion else {"content": chunk["delta"]}, None)]))
+        if chunk.get("finish"):
+            out.append(event([choice("" if completion else {}, finish_reason(chunk))]))
+            if include_usage:
+                out.append(event([], usage=usage_totals(chunk.get("usage"))))
+        return out
+
+    return openai_sse(unit_stream, head, keepalive_s, render)
 
 
 # routes -------------------------------------------------------------------------------------------

@@ -113,6 +113,27 @@ async def pump(stream: UnitStream, head: Any, keepalive_s: float | None) -> Asyn
             return
 
 
+async def openai_sse(unit_stream: UnitStream, head: Any, keepalive_s: float | None,
+                     render: Callable[[dict], list[bytes]]) -> AsyncIterator[bytes]:
+    """An OpenAI-style SSE body: `render(chunk)` gives the events of each unit chunk up to the finish
+    chunk, then `data: [DONE]`. A unit error after the headers becomes an error event; the unit stream
+    is closed however the body ends (a client that disconnects cancels it here)."""
+    try:
+        async for chunk in pump(unit_stream, head, keepalive_s):
+            if chunk is None:
+                yield b": keep-alive\n\n"
+                continue
+            for event in render(chunk):
+                yield event
+            if chunk.get("finish"):
+                break
+        yield b"data: [DONE]\n\n"
+    except GatewayError as exc:
+        yield sse({"error": exc.openai_error()})
+    finally:
+        unit_stream.close()
+
+
 async def collect(unit_stream: UnitStream, head: Any, request: Request) -> tuple[str, dict]:
     """A whole (non-streamed) answer: the joined text and the final chunk (usage, finish_reason).
     The client is checked once a second while the unit generates: nobody reads an answer whose client left."""
