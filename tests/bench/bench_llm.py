@@ -98,29 +98,46 @@ def run_child(python: str, side: str, args: argparse.Namespace, gguf: str, scrip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def peer_arguments(description: str, repeats_help: str) -> argparse.ArgumentParser:
+    """The options both llama.cpp comparisons take, including the hidden ones of a child process."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer-python", default=os.environ.get("UNITBUS_PEER_LLAMA_PYTHON", "/tmp/peer-llama/bin/python"),
                     help="python of a venv with llama-cpp-python (env UNITBUS_PEER_LLAMA_PYTHON)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="measured generations per process (median)")
-    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side (best)")
+    ap.add_argument("--repeats", type=int, default=3, help=repeats_help)
     ap.add_argument("--child", choices=("unitbus", "peer"), help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        fn = child_unitbus if args.child == "unitbus" else child_peer
-        print(json.dumps(fn(args.gguf, args.threads, args.tokens, args.repeats)))
-        return
+    return ap
 
+
+def ran_as_child(args: argparse.Namespace, unitbus_side, peer_side) -> bool:
+    """In a child process: measure its side, print the JSON line run_child reads, and say so."""
+    if not args.child:
+        return False
+    side = unitbus_side if args.child == "unitbus" else peer_side
+    print(json.dumps(side(args.gguf, args.threads, args.tokens, args.repeats)))
+    return True
+
+
+def converted_gguf() -> str:
+    """The SmolLM2 GGUF's path, converted beforehand: conversion is a one-time cost, not measured."""
     sys.path.insert(0, str(ROOT))
     from core.paths import resolve_pkg_url
     from models.gguf_llama import convert_manifest
 
     manifest = json.loads(MANIFEST.read_text())
-    gguf = str(resolve_pkg_url(manifest["mode_param"]["gguf"]))
-    convert_manifest(manifest)  # conversion is a one-time cost, not part of the measurement
+    convert_manifest(manifest)
+    return str(resolve_pkg_url(manifest["mode_param"]["gguf"]))
+
+
+def main() -> None:
+    ap = peer_arguments(__doc__, "measured generations per process (median)")
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per side (best)")
+    args = ap.parse_args()
+    if ran_as_child(args, child_unitbus, child_peer):
+        return
+    gguf = converted_gguf()
     ours, peer = [], []
     for _ in range(args.rounds):
         ours.append(run_child(sys.executable, "unitbus", args, gguf))

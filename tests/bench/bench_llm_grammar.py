@@ -13,16 +13,14 @@ a warm-up. llama-cpp-python is only a peer: build it in a throwaway venv
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llm import run_child  # noqa: E402
+from bench_llm import converted_gguf, peer_arguments, ran_as_child, run_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "models" / "mode_smollm2-135m-instruct.json"
@@ -94,27 +92,10 @@ def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peer-python", default=os.environ.get("UNITBUS_PEER_LLAMA_PYTHON", "/tmp/peer-llama/bin/python"),
-                    help="python of a venv with llama-cpp-python (env UNITBUS_PEER_LLAMA_PYTHON)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="measured generations per mode (median)")
-    ap.add_argument("--child", choices=("unitbus", "peer"), help=argparse.SUPPRESS)
-    ap.add_argument("--gguf", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        fn = child_unitbus if args.child == "unitbus" else child_peer
-        print(json.dumps(fn(args.gguf, args.threads, args.tokens, args.repeats)))
+    args = peer_arguments(__doc__, "measured generations per mode (median)").parse_args()
+    if ran_as_child(args, child_unitbus, child_peer):
         return
-
-    sys.path.insert(0, str(ROOT))
-    from core.paths import resolve_pkg_url
-    from models.gguf_llama import convert_manifest
-
-    manifest = json.loads(MANIFEST.read_text())
-    gguf = str(resolve_pkg_url(manifest["mode_param"]["gguf"]))
-    convert_manifest(manifest)
+    gguf = converted_gguf()
     ours = run_child(sys.executable, "unitbus", args, gguf, __file__)
     peer = run_child(args.peer_python, "peer", args, gguf, __file__)
     print(f"SmolLM2-135M-Instruct Q4_1, {args.threads} threads, greedy, up to {args.tokens} tokens, "
