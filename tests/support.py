@@ -47,6 +47,16 @@ def trim_silence(pcm, level: int = 200):
     return pcm[loud[0]:loud[-1] + 1]
 
 
+def word_edit_distance(reference: list[str], hypothesis: list[str]) -> int:
+    """Word-level edit distance (substitutions, insertions, deletions) for word error rates."""
+    row = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hypothesis, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

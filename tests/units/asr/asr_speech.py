@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support import espeak_wav
+from support import espeak_wav, word_edit_distance
 
 COMMANDS = [
     "turn on the kitchen lights",
@@ -66,13 +66,8 @@ def normalize(text: str) -> list[str]:
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance in words, reference word count)."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)], len(ref)
+    ref = normalize(reference)
+    return word_edit_distance(ref, normalize(hypothesis)), len(ref)
 
 
 def wer(pairs: list[tuple[str, str]]) -> float:

@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from support import word_edit_distance
+
 
 @pytest.fixture(scope="session")
 def tts_voice():
@@ -33,13 +35,7 @@ def words(text: str) -> list[str]:
 
 def _word_errors(said: str, heard: str) -> int:
     """Word-level edit distance (substitutions, insertions, deletions)."""
-    a, b = words(said), words(heard)
-    row = list(range(len(b) + 1))
-    for i, wa in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, wb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wa != wb))
-    return row[-1]
+    return word_edit_distance(words(said), words(heard))
 
 
 @pytest.fixture(scope="session")
