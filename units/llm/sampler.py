@@ -99,7 +99,7 @@ def params_from_ai00(sampler: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def params_from_request(values: Mapping[str, Any]) -> SamplerParams:
-    """SamplerParams from flat request/setup keys (llm.chat_completion §11.3); an Ai00 `sampler`
+    """SamplerParams from flat request/setup keys (llm.chat_completion, spec §11.3); an Ai00 `sampler`
     object, if present, overrides the flat sampling keys it covers."""
     flat = {k: v for k, v in values.items() if k in _FLAT_KEYS and v is not None}
     if values.get("sampler"):
