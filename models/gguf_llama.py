@@ -229,16 +229,25 @@ def build_tokenizer(g: GgufFile) -> Any:
     return tok
 
 
-def chat_facts(g: GgufFile) -> dict[str, Any]:
-    """Chat template, its format and the default system message it inserts (if any)."""
+def chat_facts(g: GgufFile, special: dict[str, Any]) -> dict[str, Any]:
+    """Chat template, its form (decided here, so no request can fail on it later) and the default system
+    message it inserts (if any). A template that is missing or does not render is refused."""
+    from core.chat_template import TemplateError, template_form
+
     template = g.get("tokenizer.chat_template", "") or ""
-    chat_format = "chatml" if "<|im_start|>" in template else ("none" if not template else "unsupported")
     default_system = None
     # ChatML templates that insert a system turn when the conversation has none spell it out literally.
     found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
     if found and "messages[0]" in template:
         default_system = found.group(1)
-    return {"chat_template": template, "chat_format": chat_format, "default_system": default_system}
+    tokens = g.require("tokenizer.ggml.tokens")
+    bos = tokens[special["bos_id"]] if special["bos_id"] is not None else ""
+    try:
+        chat_format = template_form(template, default_system, bos, tokens[special["eos_id"]])
+    except TemplateError as exc:
+        raise UnsupportedModel(f"{g.path.name}: {exc}") from None
+    return {"chat_template": template, "chat_format": chat_format, "default_system": default_system,
+            "bos_token": bos, "eos_token": tokens[special["eos_id"]]}
 
 
 def special_facts(g: GgufFile) -> dict[str, Any]:
@@ -468,14 +477,16 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     unsupported = types - set(_TYPE_NAMES.values())
     if unsupported:
         raise UnsupportedModel(f"{gguf_path.name}: tensor types {sorted(unsupported)} (supported: Q4_0, Q4_1, Q8_0, F16, F32)")
+    special = special_facts(g)
+    chat = chat_facts(g, special)
     tokenizer = build_tokenizer(g)
     model, embd = build_graph(g, facts, progress=progress)
     out_dir.mkdir(parents=True)
     embedding = save_embeddings(embd, out_dir / "token_embd.bin")
-    config = {**facts, **special_facts(g), **chat_facts(g), "embedding": embedding, "weight_types": sorted(types),
+    config = {**facts, **special, **chat, "embedding": embedding, "weight_types": sorted(types),
               "source": _source_record(gguf_path)}
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    from units.llm.tokenizer import save_bpe
+    from models.bpe_tables import save_bpe
 
     save_bpe(out_dir / "tokenizer.json", out_dir / "tokenizer.npz")
     save_model(model, out_dir)

@@ -55,6 +55,19 @@ def test_engines_import_no_zmq_and_no_asyncio():
         assert not {n for n in imports_of(path) if n in ("core.bus", "core.unit", "core.client")}, path
 
 
+def test_models_import_core_and_themselves_only():
+    # Converters run at install time and from the units: they may use core, never a unit or a bridge.
+    for path in py_files("models"):
+        bad = {n for n in imports_of(path) if n.split(".")[0] in ("units", "firmware_bridge")}
+        assert not bad, f"{path}: {bad}"
+
+
+def test_every_module_is_checked():
+    # A new top-level package would escape the rules above: name it here with its rule.
+    tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert tops == {"core", "units", "firmware_bridge", "models"}, tops
+
+
 def test_bridge_never_imports_units():
     for path in py_files("firmware_bridge"):
         assert not {n for n in imports_of(path) if n.split(".")[0] == "units"}, path

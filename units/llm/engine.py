@@ -25,7 +25,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from units.llm.sampler import Sampler
-from units.llm.tokenizer import TextAssembler, TextTokenizer, chatml_prompt
+from core.chat_template import JinjaTemplate, chatml_prompt
+from units.llm.tokenizer import TextAssembler, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +346,11 @@ class LlmEngine:
         self.stop_ids = frozenset(self.config["stop_ids"])
         self.eos_id = int(self.config["eos_id"])
         self.bos_id = self.config.get("bos_id")
+        self._template = None
+        if self.config.get("chat_format") == "jinja":
+            # The engine adds BOS itself when the model wants it: the template must not write it again.
+            bos = "" if self.config.get("add_bos") else self.config.get("bos_token", "")
+            self._template = JinjaTemplate(self.config["chat_template"], bos, self.config.get("eos_token", ""))
         log.info("llm %s loaded in %.0f ms (context %d)", self.config.get("name"), self.load_ms, self.context_length)
 
     def close(self) -> None:
@@ -373,10 +379,15 @@ class LlmEngine:
                     add_generation_prompt: bool = True) -> str:
         """The chat template applied to messages ({role, content}). Without a system message first,
         `system_default` is inserted (None: the template's own default; "": no system turn)."""
-        if self.config.get("chat_format") != "chatml":
-            raise NotImplementedError(f"chat template format {self.config.get('chat_format')!r} is not supported (ChatML is)")
-        system = self.default_system if system_default is None else system_default
-        return chatml_prompt(messages, system, add_generation_prompt)
+        if self.config.get("chat_format") == "chatml":
+            system = self.default_system if system_default is None else system_default
+            return chatml_prompt(messages, system, add_generation_prompt)
+        # The model's own template (decided at conversion): it inserts its own default system turn.
+        if system_default and (not messages or messages[0].get("role") != "system"):
+            messages = [{"role": "system", "content": system_default}, *messages]
+        if self._template is None:
+            raise ValueError(f"chat format {self.config.get('chat_format')!r}: convert the model again")
+        return self._template.render(messages, add_generation_prompt)
 
     # ------------------------------------------------------------------ generation
 

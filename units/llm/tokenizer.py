@@ -1,5 +1,11 @@
 """Text <-> token ids for the llm engine: byte-level BPE over tables compiled from the converted
-tokenizer.json, the ChatML prompt, and the streaming text assembler (UTF-8-safe, stop-string-aware)."""
+tokenizer.json (models/bpe_tables.py), the ChatML prompt, and the streaming text assembler (UTF-8-safe,
+stop-string-aware).
+
+Hand-written instead of loading the `tokenizers` library, for a measured reason: that library costs the
+llm process 13 MB of resident memory (its Rust heap and the parsed tokenizer.json), this encoder about 2 MB
+on the same vocabulary. tests/units/llm/test_tokenizer.py
+holds it equal to `tokenizers` on tricky strings, 1500 random strings and a long text."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,95 +13,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-
-# GPT-2's pre-tokenizer split (Hugging Face ByteLevel with use_regex).
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Words whose ids are remembered (bounded: the cache is cleared when full).
 WORD_CACHE = 8192
-_PAIR_SHIFT = 21  # ids < 2**21: room for any vocabulary in use
-
-
-def _byte_level_inverse() -> dict[str, int]:
-    """GPT-2 byte-level BPE's printable character -> byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    inverse, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            inverse[chr(b)] = b
-        else:
-            inverse[chr(256 + extra)] = b
-            extra += 1
-    return inverse
-
-
-def _split_patterns(pre: Mapping[str, Any] | None) -> tuple[bool, str]:
-    """(split every digit alone first, the word split regex) of a tokenizer.json byte-level pre-tokenizer:
-    ByteLevel (GPT-2), Sequence[Digits, ByteLevel] (smollm) or Sequence[Split(regex), ByteLevel] (llama-3)."""
-    steps = list(pre.get("pretokenizers", [])) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    digits, pattern = False, None
-    for step in steps:
-        kind = step.get("type")
-        if kind == "Digits" and step.get("individual_digits"):
-            digits = True
-        elif kind == "Split" and isinstance(step.get("pattern"), Mapping) and "Regex" in step["pattern"] \
-                and step.get("behavior", "Isolated") == "Isolated" and not step.get("invert"):
-            pattern = step["pattern"]["Regex"]
-        elif kind == "ByteLevel" and not step.get("add_prefix_space"):
-            if step.get("use_regex", True):
-                pattern = pattern or GPT2_SPLIT
-        else:
-            raise ValueError(f"unsupported pre-tokenizer step {step!r}")
-    if pattern is None:
-        raise ValueError("the pre-tokenizer has no word split")
-    return digits, pattern
-
-
-def compile_bpe(tokenizer_json: str | Path) -> dict[str, np.ndarray]:
-    """The arrays TextTokenizer runs on, from a byte-level BPE tokenizer.json (done once, at conversion:
-    parsing the JSON at every load would leave its ~25 MB of small objects fragmenting the heap)."""
-    import json
-
-    spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
-    model = spec["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix") or spec.get("normalizer"):
-        raise ValueError(f"{tokenizer_json}: not a plain byte-level BPE")
-    vocab: dict[str, int] = model["vocab"]
-    added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
-    inverse = _byte_level_inverse()
-    pieces: list[bytes] = [b""] * (max(max(vocab.values()), max(added.values(), default=0)) + 1)
-    for text, idx in vocab.items():
-        pieces[idx] = bytes(inverse[c] for c in text) if all(c in inverse for c in text) else text.encode()
-    for text, idx in added.items():
-        pieces[idx] = text.encode("utf-8")
-    # Merge r joins ids (a, b) into id c: keys a<<SHIFT|b sorted, with their rank and result.
-    rows = []
-    for rank, merge in enumerate(model["merges"]):
-        first, second = merge.split(" ", 1) if isinstance(merge, str) else merge
-        rows.append(((vocab[first] << _PAIR_SHIFT) | vocab[second], rank, vocab[first + second]))
-    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
-    table = table[np.argsort(table[:, 0], kind="stable")]
-    digits, pattern = _split_patterns(spec.get("pre_tokenizer"))
-    meta = {"added": added, "digits": digits, "pattern": pattern}
-    return {
-        "blob": np.frombuffer(b"".join(pieces), np.uint8),
-        "offsets": np.cumsum([0] + [len(p) for p in pieces]).astype(np.int64),
-        # A byte without a token (never seen in training) is dropped, as `tokenizers` does without unk.
-        "byte_ids": np.array([vocab.get(ch, -1) for ch, _ in sorted(inverse.items(), key=lambda kv: kv[1])], np.int64),
-        "pair_keys": table[:, 0].copy(), "pair_rank": table[:, 1].copy(), "pair_into": table[:, 2].copy(),
-        "meta": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8),
-    }
-
-
-def save_bpe(tokenizer_json: str | Path, out: str | Path) -> None:
-    with open(out, "wb") as f:
-        np.savez(f, **compile_bpe(tokenizer_json))
 
 
 class TextTokenizer:
     """Byte-level BPE equal to the `tokenizers` library's encoding of the converted tokenizer.json (tests
     hold it to that) in about 2 MB instead of 13: the token bytes are one buffer, the merges three
-    sorted arrays (from tokenizer.npz, see compile_bpe), the pre-tokenizer one `regex` pattern."""
+    sorted arrays (from tokenizer.npz, see models/bpe_tables.py), the pre-tokenizer one `regex` pattern."""
 
     def __init__(self, tables: str | Path, special_ids: Iterable[int]):
         import json
@@ -108,6 +33,7 @@ class TextTokenizer:
             self._byte_ids = z["byte_ids"].tolist()
             self._pair_keys, self._pair_rank, self._pair_into = z["pair_keys"], z["pair_rank"], z["pair_into"]
             meta = json.loads(z["meta"].tobytes())
+        self._shift = int(meta.get("pair_shift", 21))
         self.special_ids = frozenset(int(i) for i in special_ids)
         self._ids_by_text: dict[str, int] = meta["added"]
         # Added tokens are cut out first, longest first (as tokenizers' AddedVocabulary does).
@@ -132,7 +58,7 @@ class TextTokenizer:
         keys, ranks, into = self._pair_keys, self._pair_rank, self._pair_into
         while len(ids) > 1:
             arr = np.array(ids, dtype=np.int64)
-            pairs = (arr[:-1] << _PAIR_SHIFT) | arr[1:]
+            pairs = (arr[:-1] << self._shift) | arr[1:]
             at = np.minimum(np.searchsorted(keys, pairs), len(keys) - 1)
             found = keys[at] == pairs
             if not found.any():
@@ -141,7 +67,7 @@ class TextTokenizer:
             pair, merged = int(pairs[best]), int(into[at[best]])
             out, i = ids[:best], best
             while i < len(ids):
-                if i + 1 < len(ids) and (ids[i] << _PAIR_SHIFT) | ids[i + 1] == pair:
+                if i + 1 < len(ids) and (ids[i] << self._shift) | ids[i + 1] == pair:
                     out.append(merged)
                     i += 2
                 else:
@@ -177,31 +103,6 @@ class TextTokenizer:
         """Text of ids; bytes that do not form valid UTF-8 become U+FFFD."""
         skip = self.special_ids if skip_special else frozenset()
         return b"".join(self.piece(i) for i in ids if i not in skip).decode("utf-8", "replace")
-
-
-def message_text(content: Any) -> str:
-    """A message's content as text: a string, or OpenAI-style parts of type "text"."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-        if len(parts) == len(content):
-            return "".join(parts)
-    raise TypeError(f"message content must be a string or a list of text parts, not {type(content).__name__}")
-
-
-def chatml_prompt(messages: Sequence[Mapping[str, Any]], default_system: str | None,
-                  add_generation_prompt: bool = True) -> str:
-    """The ChatML prompt, as the GGUF's template renders it: a system turn with `default_system` is
-    inserted when the first message is not a system message (none when default_system is empty)."""
-    out = []
-    if default_system and (not messages or messages[0].get("role") != "system"):
-        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    for m in messages:
-        out.append(f"<|im_start|>{m['role']}\n{message_text(m.get('content', ''))}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
 
 
 def complete_utf8_prefix(data: bytes | bytearray) -> int:

@@ -87,3 +87,17 @@ def test_linear_computes_x_times_weight(kinds):
 def test_unsupported_tensor_type_is_refused():
     with pytest.raises(conv.UnsupportedModel):
         conv.unpack_weight("w", 12, (256, 4), np.zeros((4, 144), np.uint8))  # Q4_K
+
+
+def test_smollm2_template_is_chatml_and_renders_like_the_fast_path(gguf_path):
+    from core.chat_template import PROBES, JinjaTemplate, chatml_prompt
+    from models.gguf_llama import GgufFile, chat_facts, special_facts
+
+    g = GgufFile(gguf_path)
+    chat = chat_facts(g, special_facts(g))
+    assert chat["chat_format"] == "chatml"
+    assert chat["default_system"].startswith("You are a helpful AI assistant named SmolLM")
+    template = JinjaTemplate(chat["chat_template"])
+    conversations = [*PROBES, ({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},)]
+    for conversation in conversations:
+        assert template.render(conversation) == chatml_prompt(conversation, chat["default_system"])

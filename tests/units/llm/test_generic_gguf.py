@@ -29,7 +29,11 @@ def byte_vocab() -> tuple[list[str], list[str]]:
     return SPECIALS + chars + merged, merges
 
 
-def write_model(path: Path) -> None:
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>\\n'}}{% endfor %}")
+
+
+def write_model(path: Path, chat_template: str = CHAT_TEMPLATE) -> None:
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -52,7 +56,8 @@ def write_model(path: Path) -> None:
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}{% endfor %}")
+    if chat_template:
+        w.add_chat_template(chat_template)
 
     def matrix(name: str, rows: int, cols: int, kind) -> None:
         data = (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
@@ -111,3 +116,28 @@ def test_synthetic_llama_converts_and_matches_reference(tiny):
     logits = _Sequence(engine, 64).run(ids, keep=len(ids))
     assert np.corrcoef(logits.ravel(), ref.ravel())[0, 1] >= 0.999
     assert np.corrcoef(engine.embed("hello world, hello!", layer=1), hidden[1].mean(axis=0))[0, 1] >= 0.999
+
+
+def test_a_template_other_than_chatml_is_rendered_by_the_engine(tiny):
+    # This template never adds the assistant turn, so it is not ChatML's: the engine renders it itself.
+    _, model_dir = tiny
+    engine = LlmEngine(model_dir, threads=1)
+    assert engine.config["chat_format"] == "jinja"
+    prompt = engine.chat_prompt([{"role": "user", "content": "hi"}], system_default="S")
+    assert prompt == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("", "has no chat template"),
+    ("{% for m in messages %}{{ m.role }", "does not compile"),
+    ("{{ raise_exception('only user turns') if messages[0].role == 'system' else 'x' }}", "only user turns"),
+])
+def test_a_template_that_cannot_render_is_refused_at_conversion(tmp_path, monkeypatch, template, reason):
+    from models.gguf_llama import UnsupportedModel
+
+    monkeypatch.setenv("UNITBUS_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "bad-template.Q4_0.gguf"
+    write_model(path, chat_template=template)
+    with pytest.raises(UnsupportedModel, match=reason):
+        convert_manifest({"mode": "bad", "type": "llm", "mode_param": {"gguf": str(path)}}, progress=False)
+    assert not (tmp_path / "cache" / "bad-template.Q4_0").exists()

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from units.llm.tokenizer import TextAssembler, chatml_prompt, complete_utf8_prefix, message_text
+from core.chat_template import chatml_prompt, message_text
+from units.llm.tokenizer import TextAssembler, complete_utf8_prefix
 
 
 def feed(chunks, stops=()):
