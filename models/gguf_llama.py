@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -442,21 +439,19 @@ def save_model(model: Any, out_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- cache
 
-def _source_record(gguf_path: Path) -> dict[str, Any]:
-    st = gguf_path.stat()
-    return {"path": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "converter": CONVERTER_VERSION}
+REQUIRED = ("model.onnx", "model.onnx.data", "config.json", "tokenizer.json", "tokenizer.npz", "token_embd.bin")
+
+
+def stamp(gguf_path: Path) -> dict[str, Any]:
+    from models.cache import source_stamp
+
+    return source_stamp([gguf_path], CONVERTER_VERSION)
 
 
 def cache_is_current(out_dir: Path, gguf_path: Path) -> bool:
-    try:
-        config = json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    fresh = _source_record(gguf_path)
-    recorded = config.get("source", {})
-    same = all(recorded.get(k) == fresh[k] for k in ("size", "mtime_ns", "converter"))
-    return same and all((out_dir / f).exists() for f in ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer.npz",
-                                                           "token_embd.bin"))
+    from models.cache import is_current
+
+    return is_current(out_dir, stamp(gguf_path), REQUIRED)
 
 
 def default_out_dir(gguf_path: Path) -> Path:
@@ -468,7 +463,7 @@ def default_out_dir(gguf_path: Path) -> Path:
 
 
 def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
-    """Write the converted model into out_dir (which must not exist)."""
+    """Write the converted model into out_dir (an empty folder, made if missing)."""
     g = GgufFile(gguf_path)
     facts = model_facts(g)
     types = {_TYPE_NAMES.get(int(t.tensor_type), t.tensor_type.name) for t in g.reader.tensors if len(t.shape) == 2}
@@ -481,10 +476,10 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     chat = chat_facts(g, special)
     tokenizer = build_tokenizer(g)
     model, embd = build_graph(g, facts, progress=progress)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     embedding = save_embeddings(embd, out_dir / "token_embd.bin")
     config = {**facts, **special, **chat, "embedding": embedding, "weight_types": sorted(types),
-              "source": _source_record(gguf_path)}
+              "source": str(gguf_path)}
     tokenizer.save(str(out_dir / "tokenizer.json"))
     from models.bpe_tables import save_bpe
 
@@ -495,32 +490,19 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
 
 def ensure_converted(gguf_path: str | Path, out_root: str | Path | None = None, progress: bool = True,
                      force: bool = False) -> Path:
-    """The folder holding model.onnx (+ model.onnx.data), tokenizer.json and config.json for a GGUF,
-    converting it first unless a current conversion is there (same source size, mtime and converter).
+    """The folder holding model.onnx (+ model.onnx.data), the tokenizer and config.json for a GGUF,
+    converted once (models/cache.py: reused while the GGUF's size, mtime and the converter are the same)."""
+    from models.cache import build_once
 
-    The conversion is written to a temporary folder next to the target and renamed into place, so a
-    crash never leaves a half-written cache; a concurrent converter that wins the race is reused.
-    """
     gguf_path = Path(gguf_path).resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     out_dir = Path(out_root) if out_root is not None else default_out_dir(gguf_path)
     if not force and cache_is_current(out_dir, gguf_path):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to %s (once; later loads reuse it)", gguf_path.name, out_dir)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        convert(gguf_path, tmp_root / "model", progress=progress)
-        if out_dir.exists():
-            if not force and cache_is_current(out_dir, gguf_path):
-                return out_dir  # another process finished first
-            stale = tmp_root / "stale"
-            os.rename(out_dir, stale)
-        os.rename(tmp_root / "model", out_dir)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return out_dir
+    return build_once(out_dir, stamp(gguf_path), lambda folder: convert(gguf_path, folder, progress=progress),
+                      REQUIRED, force=force)
 
 
 def gguf_path_of(mode_param: dict[str, Any]) -> Path:

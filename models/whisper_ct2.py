@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -287,64 +285,50 @@ def build_decoder(w: dict[str, np.ndarray], quantization: str) -> Any:
 
 # --------------------------------------------------------------------------- cache
 
-def _source_record(model_dir: Path, quantization: str) -> dict[str, Any]:
-    files = {}
-    for name in ("model.bin", *_COPIED_FILES):
-        st = (model_dir / name).stat()
-        files[name] = {"size": st.st_size, "mtime": st.st_mtime}
-    return {"converter": CONVERTER_VERSION, "quantization": quantization, "source": str(model_dir), "files": files}
+REQUIRED = ("encoder.onnx", "decoder.onnx", "dims.json", *_COPIED_FILES)
+
+
+def stamp(model_dir: Path, quantization: str) -> dict[str, Any]:
+    from models.cache import source_stamp
+
+    return source_stamp([model_dir / name for name in ("model.bin", *_COPIED_FILES)], CONVERTER_VERSION,
+                        quantization=quantization)
 
 
 def cache_is_current(out_dir: Path, model_dir: Path, quantization: str) -> bool:
     """True when out_dir holds a finished conversion of exactly these source files."""
-    record = out_dir / "source.json"
-    if not record.is_file():
-        return False
-    try:
-        return json.loads(record.read_text()) == _source_record(model_dir, quantization)
-    except (OSError, ValueError):
-        return False
+    from models.cache import is_current
+
+    return is_current(out_dir, stamp(model_dir, quantization), REQUIRED)
 
 
 def convert(model_dir: str | Path, out_dir: str | Path, quantization: str = "int8", force: bool = False) -> Path:
-    """Convert the CTranslate2 Whisper folder `model_dir` into `out_dir` (atomically); returns out_dir."""
-    from onnx import save_model
-    from tqdm import tqdm
+    """The CTranslate2 Whisper folder `model_dir` converted into `out_dir`, once (models/cache.py)."""
+    from models.cache import build_once
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not force and cache_is_current(out_dir, model_dir, quantization):
-        log.debug("whisper cache %s is current", out_dir)
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with tqdm(total=5, desc=f"convert {out_dir.name}", unit="step") as bar:
+
+    def build(folder: Path) -> None:
+        from onnx import save_model
+        from tqdm import tqdm
+
+        with tqdm(total=4, desc=f"convert {out_dir.name}", unit="step") as bar:
             weights = read_ct2(model_dir / "model.bin")
             bar.update()
             # The encoder stays fp32: over many frames 8-bit MatMulNBits measured no faster than fp32 here.
-            save_model(build_encoder(weights, "fp32"), str(tmp / "encoder.onnx"))
+            save_model(build_encoder(weights, "fp32"), str(folder / "encoder.onnx"))
             bar.update()
-            save_model(build_decoder(weights, quantization), str(tmp / "decoder.onnx"))
+            save_model(build_decoder(weights, quantization), str(folder / "decoder.onnx"))
             bar.update()
             for name in _COPIED_FILES:
-                shutil.copy2(model_dir / name, tmp / name)
-            (tmp / "dims.json").write_text(json.dumps(model_dims(weights)))
+                shutil.copy2(model_dir / name, folder / name)
+            (folder / "dims.json").write_text(json.dumps(model_dims(weights)))
             bar.update()
-            (tmp / "source.json").write_text(json.dumps(_source_record(model_dir, quantization)))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every user of the machine
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-                os.replace(out_dir, old / "x")
-                shutil.rmtree(old)
-            os.replace(tmp, out_dir)
-            bar.update()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("converted %s to %s (%s)", model_dir, out_dir, quantization)
-    return out_dir
+        log.info("converted %s to %s (%s)", model_dir, out_dir, quantization)
+
+    return build_once(out_dir, stamp(model_dir, quantization), build, REQUIRED, force=force)
 
 
 def cache_path(name: str, quantization: str) -> Path:

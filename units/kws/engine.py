@@ -21,7 +21,7 @@ import numpy as np
 from core.paths import resolve_pkg_url
 from core.runtime import create_session
 
-from . import stream_graph
+from models import openwakeword_stream as stream_graph
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ program (argument vector, text on stdin), so no GPL code is loaded in-process. W
 missing or onnxruntime cannot load it, espeak-ng's own synthesiser is the voice.
 
 Imports only numpy, stdlib, core.runtime/core.paths/core.audio and the helpers next to this file (onnx
-only to build the cached voice files, units.tts.optimize and units.tts.quantize).
+only to build the cached voice files, models/piper_fast.py and models/piper_int8.py).
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ class PiperModel:
         )
         source = model
         if quantize == "int8":
-            from units.tts.quantize import int8_voice
+            from models.piper_int8 import int8_voice
 
             def calibration_ids(texts):
                 return [voice.ids(ph) for text in texts for ph in phonemize(espeak, text)]
@@ -317,8 +317,8 @@ class PiperModel:
 
 
 def _float_voice(model: Path) -> Path:
-    """The voice with its upsampling rewritten exactly (units.tts.optimize), else the file as it is."""
-    from units.tts.optimize import fast_voice
+    """The voice with its upsampling rewritten exactly (models/piper_fast.py), else the file as it is."""
+    from models.piper_fast import fast_voice
 
     try:
         return fast_voice(model, f"{model.name.removesuffix('.onnx')}-fast")
@@ -458,7 +458,7 @@ def load_tts(params: Mapping[str, Any]) -> TtsVoice:
     voice), `voice_config` (default `<voice>.json`), `espeak_voice` (default from the voice JSON),
     `espeak_program` ("espeak-ng"), `noise_scale`, `length_scale`, `noise_w` (default from the voice
     JSON), `quantize` ("none": float, with the upsampling rewritten exactly, built once and cached,
-    see units.tts.optimize; or "int8": int8 decoder built once and cached, see units.tts.quantize),
+    see models/piper_fast.py; or "int8": int8 decoder built once and cached, see models/piper_int8.py),
     `threads` (onnxruntime intra-op threads), `spin` (let onnxruntime threads spin; default false),
     `mode` (a name for logs).
     The ONNX session is shared by every task that loads the same file with the same settings. If

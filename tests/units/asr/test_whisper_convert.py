@@ -44,7 +44,7 @@ def test_quantize_nbits8_roundtrip():
 
 def test_manifest_converts_and_cache_is_reused(manifest, source):
     out = whisper_ct2.convert_manifest(manifest)
-    assert {"encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json", "dims.json", "source.json"} <= {p.name for p in out.iterdir()}
+    assert {"encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json", "dims.json", "build.json"} <= {p.name for p in out.iterdir()}
     assert whisper_ct2.cache_is_current(out, source, "int8")
     assert not whisper_ct2.cache_is_current(out, source, "fp32")
     stamp = (out / "decoder.onnx").stat().st_mtime_ns
@@ -64,9 +64,9 @@ def test_failed_conversion_leaves_nothing(tmp_path, source, monkeypatch):
 
 def test_stale_cache_is_rebuilt(tmp_path, source):
     out = whisper_ct2.convert(source, tmp_path / "out", "fp32")
-    record = json.loads((out / "source.json").read_text())
-    record["files"]["model.bin"]["size"] += 1
-    (out / "source.json").write_text(json.dumps(record))
+    record = json.loads((out / "build.json").read_text())
+    record["sources"][str(source / "model.bin")]["size"] += 1
+    (out / "build.json").write_text(json.dumps(record))
     assert not whisper_ct2.cache_is_current(out, source, "fp32")
     whisper_ct2.convert(source, out, "fp32")
     assert whisper_ct2.cache_is_current(out, source, "fp32")

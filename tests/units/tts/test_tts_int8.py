@@ -25,8 +25,9 @@ def test_int8_voice_is_built_once_and_cached(int8_cache, monkeypatch):
     assert voice.backend == "piper"
     built = cache / "en_US-joe-medium-int8"
     model = built / "model.onnx"
-    stamp = json.loads((built / "source.json").read_text())
-    assert stamp["size"] > 0 and stamp["source"].endswith("en_US-joe-medium.onnx")
+    stamp = json.loads((built / "build.json").read_text())
+    (source, facts), = stamp["sources"].items()
+    assert source.endswith("en_US-joe-medium.onnx") and facts["size"] > 0
     assert [p.name for p in cache.iterdir()] == ["en_US-joe-medium-int8"]  # no temporary folders left
     before = model.stat().st_mtime_ns
     monkeypatch.setenv("UNITBUS_CACHE_DIR", str(cache))

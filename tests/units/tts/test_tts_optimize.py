@@ -1,4 +1,4 @@
-"""The exact rewrite of the float voice's upsampling (units.tts.optimize): same output, cached once."""
+"""The exact rewrite of the float voice's upsampling (models/piper_fast.py): same output, cached once."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from core.runtime import create_session  # noqa: E402
 from units.tts import engine  # noqa: E402
-from units.tts.optimize import fast_voice, rewrite_conv_transposes  # noqa: E402
+from models.piper_fast import fast_voice, rewrite_conv_transposes  # noqa: E402
 
 
 def conv_transpose_model(cin: int, cout: int, kernel: int, stride: int, pads: list[int], bias: bool, seed: int):
@@ -91,8 +91,9 @@ def voices(tmp_path_factory, tts_voice):
 def test_default_voice_is_the_cached_rewrite(voices, monkeypatch):
     cache, _, fast = voices
     built = cache / "en_US-joe-medium-fast"
-    stamp = json.loads((built / "source.json").read_text())
-    assert stamp["source"].endswith("en_US-joe-medium.onnx") and stamp["size"] > 0
+    stamp = json.loads((built / "build.json").read_text())
+    (source, facts), = stamp["sources"].items()
+    assert source.endswith("en_US-joe-medium.onnx") and facts["size"] > 0
     assert [p.name for p in cache.iterdir()] == ["en_US-joe-medium-fast"]  # no temporary folders left
     ops = {n.op_type for n in onnx.load(str(built / "model.onnx"), load_external_data=False).graph.node}
     assert "ConvTranspose" not in ops

@@ -6,7 +6,7 @@ so the int8 voice speaks with the same rhythm. The cost is a higher noise floor 
 -50 dB below the peak instead of -70 dB or lower), which is why it is opt-in (`quantize: "int8"`).
 
 Built once from calibration sentences spoken by the float voice's own phonemizer, then cached
-(units.tts.cache).
+(models/cache.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from units.tts.cache import cached_build, replace_nodes
+from models.cache import build_once, source_stamp
+from models.onnx_graph import replace_nodes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ def int8_voice(model: Path, name: str, calibration_ids: Callable[[Iterable[str]]
         log.info("building the int8 voice %s from %s (once, about 10 s)", name, model)
         _quantize(model, dest, calibration_ids(CALIBRATION_TEXTS))
 
-    return cached_build(model, name, FORMAT_VERSION, build)
+    from core.paths import cache_dir
+
+    target = build_once(cache_dir() / name, source_stamp([model], FORMAT_VERSION),
+                        lambda folder: build(folder / "model.onnx"), ["model.onnx"])
+    return target / "model.onnx"
 
 
 def _decoder_convs(graph) -> list:

@@ -9,7 +9,7 @@ then interleaved into time (Reshape, Transpose, Reshape) and trimmed by the padd
 products and sums are the same, only added in another order, so the waveform matches the original
 graph's to float rounding (tested in tests/units/tts/test_tts_optimize.py).
 
-Built once and cached (units.tts.cache); needs the onnx package (the "convert" extra).
+Built once and cached (models/cache.py); needs the onnx package (the "convert" extra).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from units.tts.cache import cached_build, replace_nodes
+from models.cache import build_once, source_stamp
+from models.onnx_graph import replace_nodes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ def fast_voice(model: Path, name: str) -> Path:
         onnx.checker.check_model(proto)
         onnx.save(proto, str(dest))
 
-    return cached_build(model, name, FORMAT_VERSION, build)
+    from core.paths import cache_dir
+
+    target = build_once(cache_dir() / name, source_stamp([model], FORMAT_VERSION),
+                        lambda folder: build(folder / "model.onnx"), ["model.onnx"])
+    return target / "model.onnx"
 
 
 def _attrs(node) -> dict:
