@@ -40,7 +40,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 4
+CONVERTER_VERSION = 5  # 5: tokenizer.npz records its pair shift; the chat form is decided here
 BLOCK = 32
 # Page-aligned offsets let onnxruntime memory-map the external data instead of reading it into the heap.
 _ALIGN = 4096

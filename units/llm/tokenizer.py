@@ -33,7 +33,7 @@ class TextTokenizer:
             self._byte_ids = z["byte_ids"].tolist()
             self._pair_keys, self._pair_rank, self._pair_into = z["pair_keys"], z["pair_rank"], z["pair_into"]
             meta = json.loads(z["meta"].tobytes())
-        self._shift = int(meta.get("pair_shift", 21))
+        self._shift = int(meta["pair_shift"])
         self.special_ids = frozenset(int(i) for i in special_ids)
         self._ids_by_text: dict[str, int] = meta["added"]
         # Added tokens are cut out first, longest first (as tokenizers' AddedVocabulary does).
