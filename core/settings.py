@@ -7,6 +7,7 @@ its command-line settings to the processes it starts.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -56,7 +57,6 @@ DEFAULTS: dict[str, Any] = {
     "bus.run_dir": "",
     "bus.heartbeat_s": 1.0,
     "bus.liveness_s": 5.0,
-    "llm.flush_ms": 0,
     "asr.stream_style": "stackflow",
     "audio.mute_capture_while_playing": True,
     # Capture: "auto" (ALSA if a capture device exists, else audio.source_wav if set), "alsa", "wav",
@@ -230,10 +230,13 @@ class Settings:
         for key, value in new.items():
             if key in DEFAULTS:
                 values[key] = coerce(key, value, DEFAULTS[key])
-            elif key.endswith(".max_tasks"):
+            elif key.endswith(".max_tasks"):  # any unit's task limit, installed units included
                 values[key] = coerce(key, value, 1)
             else:
-                log.warning("%s: unknown setting %s ignored", source, key)
+                # A misspelt key would otherwise leave the setting at its default without a word.
+                close = difflib.get_close_matches(key, DEFAULTS, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise SettingsError(f"{source}: unknown setting {key}{hint}")
 
     def run_dir(self) -> Path:
         if self["bus.run_dir"]:

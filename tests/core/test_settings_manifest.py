@@ -26,6 +26,17 @@ def test_precedence_defaults_file_env_cli(tmp_path):
         Settings.load(config, ["nonsense"], environ={})
 
 
+def test_an_unknown_key_is_an_error_that_names_it(tmp_path):
+    config = tmp_path / "u.toml"
+    config.write_text("[tcp]\nprot = 2000\n")
+    with pytest.raises(SettingsError, match=r"u.toml: unknown setting tcp.prot \(did you mean tcp.port\?\)"):
+        Settings.load(config, environ={})
+    with pytest.raises(SettingsError, match="command line: unknown setting nothing.like.this$"):
+        Settings.load(None, ["nothing.like.this=1"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})
+    # Any unit's task limit is a known key, whether or not the unit ships with unitbus.
+    assert Settings.load(None, ["skel.max_tasks=4"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})["skel.max_tasks"] == 4
+
+
 def test_bad_toml_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tcp\nport=")
