@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import logs
+from core import logs, registry
 from core.settings import Settings, SettingsError, parse_assignments
 
 log = logging.getLogger("unitbus")
@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def announce_ready() -> None:
         from core.client import BusClient
 
-        units = [c.name for c in children if c.module.startswith("units.")]
+        units = [c.name for c in children if c.name in registry.installed()]
         async with BusClient(settings.bus_endpoint(), name="up") as client:
             for _ in range(int(float(settings["timeouts.setup_s"]) * 10)):
                 try:
@@ -133,7 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http"}.get(args.process)
     if module is None:
-        module = f"units.{args.process}"
+        info = registry.installed().get(args.process)
+        if info is None:
+            print(f"unitbus run: no process or installed unit named {args.process} "
+                  f"(units: {' '.join(registry.installed())})", file=sys.stderr)
+            return 2
+        module = info.module
     sys.argv = [module, *(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), [])]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0
@@ -154,15 +159,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if manifest is None:
         print(f"unitbus models convert: no manifest named {args.name} (see `unitbus models list`)", file=sys.stderr)
         return 2
-    converters = {"llm": "models.gguf_llama", "asr": "models.whisper_ct2"}
-    module_name = converters.get(manifest.type)
-    if module_name is None:
+    converter = next((info.converter for info in registry.installed().values()
+                      if manifest.type in info.types and info.converter), "")
+    if not converter:
         print(f"{manifest.mode}: runs its files directly, nothing to convert")
         return 0
     import importlib
 
-    module = importlib.import_module(module_name)
-    path = module.convert_manifest(manifest.data, force=args.force)
+    module_name, _, function = converter.partition(":")
+    path = getattr(importlib.import_module(module_name), function)(manifest.data, force=args.force)
     print(f"{manifest.mode}: converted into {path}")
     return 0
 
@@ -198,7 +203,7 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
         units = ["unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service"] + [
-            f"unitbus-unit@{u}.service" for u in args.units]
+            f"unitbus-unit@{u}.service" for u in args.units or registry.default_units()]
         subprocess.run(["systemctl", "enable", "--now", *units], check=False)
     return 0
 
@@ -246,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     systemd.add_argument("--target", default="/etc/systemd/system")
     systemd.add_argument("--executable", help="path of the unitbus command for ExecStart")
     systemd.add_argument("--enable", action="store_true", help="daemon-reload and enable --now")
-    systemd.add_argument("--units", nargs="*", default=["llm", "asr", "kws", "vad", "tts", "audio"])
+    systemd.add_argument("--units", nargs="*", help="units to enable (default: up.units)")
     systemd.set_defaults(func=cmd_install_systemd)
     return parser
 

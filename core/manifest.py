@@ -7,14 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from core import registry
 from core.errors import ErrorCode, UnitError
 from core.paths import package_dir, resolve_pkg_url
 
 log = logging.getLogger(__name__)
 
-UNIT_TYPES = {"llm", "asr", "kws", "vad", "tts", "vlm", "cv", "skel"}
-# Unit names that serve another manifest type (spec §17.3).
-TYPE_OF_NAME = {"whisper": "asr", "melotts": "tts"}
 
 SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "mode": (str, True),
@@ -89,8 +87,8 @@ def validate(data: Any, source: str = "manifest") -> dict[str, Any]:
             raise ManifestError(f"{source}: {key} must be a list of strings")
     if not data["mode"]:
         raise ManifestError(f"{source}: mode must not be empty")
-    if data["type"] not in UNIT_TYPES:
-        raise ManifestError(f"{source}: unknown type {data['type']}")
+    if data["type"] not in registry.manifest_types():
+        raise ManifestError(f"{source}: type {data['type']} is no installed unit's")
     return data
 
 
@@ -122,10 +120,12 @@ class ManifestStore:
         self.etc_dir = Path(settings.get("models.etc_dir", "/etc/unitbus/models/"))
         self.share_dir = Path(settings.get("models.share_dir", "/usr/share/unitbus/models/"))
         self.bundled = Path(bundled) if bundled else bundled_dir()
+        self.unit_dirs = registry.manifest_dirs()
 
     def _candidates(self, name: str) -> list[Path]:
         files = [f"{name}.json", f"mode_{name}.json"]
-        roots = [self.cwd, self.data_dir / name, self.manifest_dir, self.etc_dir, self.share_dir, self.bundled]
+        roots = [self.cwd, self.data_dir / name, self.manifest_dir, self.etc_dir, self.share_dir, self.bundled,
+                 *self.unit_dirs]
         return [root / f for root in roots for f in files]
 
     def find_exact(self, name: str) -> Manifest | None:
@@ -142,7 +142,7 @@ class ManifestStore:
     def all(self) -> list[Manifest]:
         """lsmode's view: the manifest directory plus the bundled ones (a name there hides a bundled one)."""
         found: dict[str, Manifest] = {}
-        for root in (self.bundled, self.manifest_dir):
+        for root in (*self.unit_dirs, self.bundled, self.manifest_dir):
             if not root.is_dir():
                 continue
             for path in sorted(root.glob("*.json")):
@@ -156,7 +156,8 @@ class ManifestStore:
 
     def resolve(self, name: str, unit_name: str) -> tuple[Manifest, str]:
         """The manifest for `setup.model`, and a note when an alias was used (spec §17.3, §17.5)."""
-        wanted_type = TYPE_OF_NAME.get(unit_name, unit_name)
+        info = registry.unit_serving(unit_name)
+        wanted_type = info.types[0] if info is not None else unit_name
         exact = self.find_exact(name)
         if exact is not None and exact.type == wanted_type:
             return exact, ""

@@ -1,5 +1,8 @@
 """One typed Settings: defaults < /etc/unitbus/unitbus.toml < environment < command line (spec §20).
 
+The defaults are core's keys below plus the settings sections the installed units declare (core/registry.py);
+each default fixes its key's type.
+
 Keys are flat dotted names ("tcp.port"). The TOML file uses sections ([tcp] port = 10001). The
 environment form of a key is UNITBUS_ plus the key upper-cased with dots as underscores
 (UNITBUS_TCP_PORT); UNITBUS_OVERRIDES may hold a JSON object of keys, which is how `unitbus up` hands
@@ -19,7 +22,6 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 CONFIG_PATH = Path("/etc/unitbus/unitbus.toml")
-UNIT_NAMES = ("llm", "asr", "kws", "vad", "tts", "audio")
 
 DEFAULTS: dict[str, Any] = {
     "tcp.enabled": True,
@@ -57,23 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "bus.run_dir": "",
     "bus.heartbeat_s": 1.0,
     "bus.liveness_s": 5.0,
-    "asr.stream_style": "stackflow",
-    "audio.mute_capture_while_playing": True,
-    # Capture: "auto" (ALSA if a capture device exists, else audio.source_wav if set), "alsa", "wav",
-    # "push" (only audio a client sends with the audio unit's `capture` action) or "none".
-    "audio.capture": "auto",
-    "audio.source_wav": "",  # a WAV file or a folder of WAV files, played as the microphone in real time
-    "audio.loop": False,  # start audio.source_wav again at its end
-    "audio.period_ms": 10,
-    "audio.capture_device": "default",  # ALSA device names for arecord / aplay
-    "audio.playback": "auto",  # "auto" (ALSA if a playback device exists, else audio.play_dir), "alsa", "dir", "none"
-    "audio.play_dir": "",  # where played audio is written as WAV files when there is no playback device
-    "audio.playback_device": "default",
     "models.data_dir": "/opt/unitbus/data/",
     "models.manifest_dir": "/opt/unitbus/data/models/",
     "models.etc_dir": "/etc/unitbus/models/",
     "models.share_dir": "/usr/share/unitbus/models/",
-    "up.units": ["llm", "asr", "kws", "vad", "tts", "audio"],
+    "up.units": [],  # empty: every installed unit that starts by default (core/registry.py)
     "up.bridge": True,
     "up.http": True,
     "log.level": "INFO",
@@ -118,7 +108,6 @@ DEFAULTS: dict[str, Any] = {
     "http.dbc.models": [],
     "http.dbc.refresh_s": 60.0,
 }
-DEFAULTS.update({f"{name}.max_tasks": 2 if name == "llm" else 1 for name in UNIT_NAMES})
 
 
 class SettingsError(ValueError):
@@ -183,6 +172,13 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def known_defaults() -> dict[str, Any]:
+    """Core's defaults and those of every installed unit."""
+    from core.registry import settings_defaults
+
+    return {**DEFAULTS, **settings_defaults()}
+
+
 def env_name(key: str) -> str:
     return "UNITBUS_" + key.upper().replace(".", "_")
 
@@ -204,7 +200,7 @@ class Settings:
     def load(cls, config: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),
              environ: Mapping[str, str] | None = None) -> "Settings":
         environ = os.environ if environ is None else environ
-        values = dict(DEFAULTS)
+        values = known_defaults()
         path = Path(config or environ.get("UNITBUS_CONFIG") or CONFIG_PATH)
         if path.exists():
             with open(path, "rb") as fh:
@@ -213,7 +209,7 @@ class Settings:
                 except tomllib.TOMLDecodeError as exc:
                     raise SettingsError(f"{path}: {exc}") from None
             cls._apply(values, _flatten(table), str(path))
-        env_values = {key: environ[env_name(key)] for key in DEFAULTS if env_name(key) in environ}
+        env_values = {key: environ[env_name(key)] for key in values if env_name(key) in environ}
         if environ.get("UNITBUS_OVERRIDES"):
             try:
                 env_values.update(json.loads(environ["UNITBUS_OVERRIDES"]))
@@ -227,14 +223,13 @@ class Settings:
 
     @staticmethod
     def _apply(values: dict[str, Any], new: Mapping[str, Any], source: str) -> None:
+        defaults = known_defaults()
         for key, value in new.items():
-            if key in DEFAULTS:
-                values[key] = coerce(key, value, DEFAULTS[key])
-            elif key.endswith(".max_tasks"):  # any unit's task limit, installed units included
-                values[key] = coerce(key, value, 1)
+            if key in defaults:
+                values[key] = coerce(key, value, defaults[key])
             else:
                 # A misspelt key would otherwise leave the setting at its default without a word.
-                close = difflib.get_close_matches(key, DEFAULTS, n=1)
+                close = difflib.get_close_matches(key, defaults, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise SettingsError(f"{source}: unknown setting {key}{hint}")
 

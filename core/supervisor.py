@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import registry
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 8.0
@@ -47,12 +49,13 @@ def plan(settings: Any) -> list[Child]:
         children.append(Child("bridge", "firmware_bridge"))
     if settings["up.http"] and module_exists("firmware_bridge.http.__main__"):
         children.append(Child("http", "firmware_bridge.http"))
-    for unit in settings["up.units"]:
-        module = f"units.{unit}"
-        if module_exists(f"{module}.__main__"):
-            children.append(Child(unit, module))
+    installed = registry.installed()
+    for unit in settings["up.units"] or registry.default_units():
+        info = installed.get(unit)
+        if info is not None:
+            children.append(Child(unit, info.module))
         else:
-            log.warning("no unit named %s is installed; skipped", unit)
+            log.warning("no unit named %s is installed (installed: %s); skipped", unit, " ".join(installed))
     return children
 
 

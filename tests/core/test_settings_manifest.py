@@ -33,7 +33,7 @@ def test_an_unknown_key_is_an_error_that_names_it(tmp_path):
         Settings.load(config, environ={})
     with pytest.raises(SettingsError, match="command line: unknown setting nothing.like.this$"):
         Settings.load(None, ["nothing.like.this=1"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})
-    # Any unit's task limit is a known key, whether or not the unit ships with unitbus.
+    # Each installed unit declares its settings section, its task limit included.
     assert Settings.load(None, ["skel.max_tasks=4"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})["skel.max_tasks"] == 4
 
 

@@ -19,6 +19,7 @@ from core import audio
 from core.errors import ErrorCode, UnitError
 from core.microphone import PCM_SOURCE, frame_playing
 from core.unit import Job, Task, Unit
+from units.asr import UNIT
 from units.asr.endpoint import EndpointConfig, Endpointer
 from units.asr.engine import AsrEngine, load_asr
 
@@ -37,8 +38,8 @@ def stackflow_text(text: str) -> str:
 
 
 class AsrUnit(Unit):
-    name = "asr"
-    names = ("asr", "whisper")
+    name = UNIT.name
+    names = UNIT.names
     defaults: dict[str, Any] = {
         "language": "en",
         "awake_delay": 50,

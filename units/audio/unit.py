@@ -20,6 +20,7 @@ from core.errors import PARAMETER_FORMAT, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.microphone import PCM_SOURCE, capture_mode
 from core.unit import Task, Unit, decode_audio
+from units.audio import UNIT
 from units.audio.devices import Capture, Player, playback_mode
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ STACKFLOW_KEYS = ("card", "device", "volume", "rate", "channel")
 
 
 class AudioUnit(Unit):
-    name = "audio"
-    names = ("audio",)
+    name = UNIT.name
+    names = UNIT.names
     extra_actions = ("play", "capture")
     no_task_actions = ("inference", "link", "unlink", "pause", "work", "exit")
     features = (PCM_SOURCE, f"sink:{PLAY_SOURCE}")

@@ -15,6 +15,7 @@ from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType
 from core.microphone import PCM_SOURCE, PcmFeed
 from core.unit import Job, Task, Unit
+from units.kws import UNIT
 from units.kws.engine import Detection, KwsModel, load_kws, resolve_keywords
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ PLAY_SOURCE = "sys.play"
 
 
 class KwsUnit(Unit):
-    name = "kws"
-    names = ("kws",)
+    name = UNIT.name
+    names = UNIT.names
     extra_actions = ("trigger",)
     defaults: dict[str, Any] = {
         "kws": ["HEY JARVIS"],

@@ -8,6 +8,7 @@ from typing import Any
 
 from core.errors import ErrorCode, UnitError
 from core.unit import Job, Task, Unit
+from units.llm import UNIT
 from units.llm.engine import ContextOverflow, LlmEngine, load_llm
 from units.llm.sampler import Sampler, params_from_request
 
@@ -24,8 +25,8 @@ GRAMMAR_KEYS = ("format", "grammar")
 
 
 class LlmUnit(Unit):
-    name = "llm"
-    names = ("llm",)
+    name = UNIT.name
+    names = UNIT.names
     defaults: dict[str, Any] = {
         "prompt": "",
         "max_token_len": 127,

@@ -10,12 +10,13 @@ from typing import Any
 
 from core.errors import ErrorCode, UnitError
 from core.unit import Job, Task, Unit
+from units.skel import UNIT
 from units.skel.engine import MODES, pieces, transform
 
 
 class SkelUnit(Unit):
-    name = "skel"
-    names = ("skel",)
+    name = UNIT.name
+    names = UNIT.names
     defaults: dict[str, Any] = {"mode": "upper", "delay_ms": 0, "load_ms": 0}
     default_input = "skel.utf-8"
     default_response_format = "skel.utf-8"

@@ -20,6 +20,7 @@ from core import audio, bus
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType
 from core.unit import Job, Task, Unit
+from units.tts import UNIT
 from units.tts.engine import MAX_SPEED, MIN_SPEED, TtsError, TtsVoice, load_tts
 from units.tts.text import SentenceSplitter
 
@@ -30,8 +31,8 @@ MIN_RATE, MAX_RATE = 8000, 48000
 
 
 class TtsUnit(Unit):
-    name = "tts"
-    names = ("tts", "melotts")
+    name = UNIT.name
+    names = UNIT.names
     defaults: dict[str, Any] = {
         "spacker_speed": 1.0,  # StackFlow's spelling
         "speed": 1.0,

@@ -10,14 +10,15 @@ from typing import Any
 from core.errors import ErrorCode, UnitError
 from core.microphone import PCM_SOURCE, PcmFeed, frame_playing
 from core.unit import Job, Task, Unit
+from units.vad import UNIT
 from units.vad.engine import WINDOW, VadModel, VadSegmenter, load_vad
 
 log = logging.getLogger(__name__)
 
 
 class VadUnit(Unit):
-    name = "vad"
-    names = ("vad",)
+    name = UNIT.name
+    names = UNIT.names
     defaults: dict[str, Any] = {
         "silero_vad.threshold": 0.5,
         "silero_vad.min_silence_duration": 0.5,

@@ -1,0 +1,66 @@
+"""A unit package from outside the tree (tests/e2e/outside_unit) is installed, found through its entry point,
+started by `unitbus up`, and answers over TCP: its name, the name it serves, its manifests and its settings
+section, with no edit to core (core/registry.py)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import StackFlowClient
+
+pytestmark = pytest.mark.e2e
+
+PACKAGE = Path(__file__).with_name("outside_unit")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("outside")
+    source, target = root / "source", root / "site"
+    shutil.copytree(PACKAGE, source)  # pip builds in place: keep the build files out of the tree
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True)
+    return target
+
+
+def environment(site: Path) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
+
+
+def test_the_outside_unit_is_started_and_answers(stack_factory, site):
+    stack = stack_factory(["rot13"], {"rot13.shift": "13"}, env=environment(site))
+    with StackFlowClient(stack.port) as client:
+        listed = client.request({"request_id": "l", "work_id": "sys", "action": "lsmode"})
+        assert "rot13" in [m["mode"] for m in listed["data"]]
+        reply = client.request({"request_id": "s", "work_id": "caesar", "action": "setup", "data": {
+            "model": "caesar-13", "response_format": "rot13.utf-8.stream", "input": "rot13.utf-8", "enoutput": True}})
+        assert reply["error"] == {"code": 0, "message": "model alias: caesar-13 -> rot13"}, reply
+        work_id = reply["work_id"]
+        assert work_id == "caesar.1000"
+        client.send({"request_id": "i", "work_id": work_id, "action": "inference", "object": "rot13.utf-8",
+                     "data": "Hello world"})
+        chunks = client.stream("i")
+        assert "".join(c["data"]["delta"] for c in chunks) == "Uryyb jbeyq "
+        assert chunks[-1]["data"]["finish"] is True
+        info = client.request({"request_id": "t", "work_id": "caesar", "action": "taskinfo"})
+        assert info["error"]["code"] == 0 and work_id in info["data"]
+
+
+def test_the_outside_units_settings_section_is_typed_and_used(stack_factory, site):
+    stack = stack_factory(["rot13"], {"rot13.shift": "1"}, env=environment(site))
+    with StackFlowClient(stack.port) as client:
+        reply = client.request({"request_id": "s", "work_id": "rot13", "action": "setup", "data": {
+            "model": "rot13", "response_format": "rot13.utf-8", "input": "rot13.utf-8", "enoutput": True}})
+        assert reply["error"]["code"] == 0, reply
+        client.send({"request_id": "i", "work_id": reply["work_id"], "action": "inference", "object": "rot13.utf-8",
+                     "data": "abc"})
+        assert client.read_for("i")["data"] == "bcd"
+    result = subprocess.run([sys.executable, "-c", "from core.cli import main; main()", "call", "sys", "ping",
+                             "--set", "rot13.shift=many"], capture_output=True, text=True,
+                            env={**os.environ, **environment(site)}, cwd=Path(__file__).parents[2])
+    assert result.returncode != 0 and "rot13.shift: expected an integer" in result.stderr
