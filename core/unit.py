@@ -27,6 +27,7 @@ from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
 from core.settings import Settings
+from core.streams import StreamAssembler
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,6 @@ class Task:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
     closed: bool = False
-    streams: dict[tuple, dict[int, Any]] = field(default_factory=dict)
 
     @property
     def stream_output(self) -> bool:
@@ -174,6 +174,7 @@ class Unit:
         self.max_tasks = int(settings.get(f"{self.name}.max_tasks", 1))
         self.manifests = ManifestStore(settings)
         self.tasks: dict[str, Task] = {}
+        self.streams = StreamAssembler(int(settings["framing.max_stream_bytes"]), float(settings["timeouts.stream_idle_s"]))
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
         self._ctx = bus.Context()
@@ -551,7 +552,7 @@ class Unit:
         if message.binary is not None:
             payload = message.binary
         elif kind.stream and self.reassemble_streams:
-            payload = self._reassemble(task, request, conn_key)
+            payload = self.streams.feed(conn_key or (None, None), task.work_id, request.data)
             if payload is None:
                 self._reply(route, None)  # a chunk in the middle of a stream: nothing to say yet
                 return
@@ -566,34 +567,6 @@ class Unit:
             raise UnitError(ErrorCode.EMPTY_DATA)
         job = Job(self, task, request.request_id, request.object, payload, route=route, conn_key=conn_key)
         self.enqueue(task, job)
-
-    def _reassemble(self, task: Task, request: Request, conn_key: tuple | None) -> Any:
-        """Join streamed input by index per (connection, task, request_id) (spec §10.5)."""
-        chunk = request.data
-        if not isinstance(chunk, dict) or "delta" not in chunk:
-            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
-        finish = chunk.get("finish", True) is not False
-        index = chunk.get("index", 0)
-        delta = chunk["delta"]
-        if not isinstance(delta, str):
-            raise UnitError(ErrorCode.JSON_FORMAT, "delta: expected string")
-        key = (conn_key, request.request_id)
-        parts = task.streams.get(key)
-        if parts is None:
-            if finish:
-                return delta  # a lone final chunk is accepted whatever its index
-            parts = task.streams[key] = {}
-        if not isinstance(index, int) or isinstance(index, bool) or index != len(parts):
-            task.streams.pop(key, None)
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        parts[index] = delta
-        if sum(len(p) for p in parts.values()) > int(self.settings["framing.max_stream_bytes"]):
-            task.streams.pop(key, None)
-            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over framing.max_stream_bytes")
-        if not finish:
-            return None
-        task.streams.pop(key, None)
-        return "".join(parts[i] for i in range(len(parts)))
 
     def _chain(self, message: bus.Chain) -> None:
         if not message.dst:
@@ -697,6 +670,7 @@ class Unit:
         except Exception:
             log.exception("%s: on_exit failed", task.work_id)
         self.tasks.pop(task.work_id, None)
+        self.streams.drop_target(task.work_id)
         self.send(bus.TaskEvent(op="down", work_id=task.work_id))
 
     async def _drop_all_tasks(self, why: str) -> None:
@@ -709,9 +683,8 @@ class Unit:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
         cancel = bool(self.settings["tcp.cancel_on_disconnect"])
+        self.streams.drop_client(message.client, message.conn)
         for task in list(self.tasks.values()):
-            for key in [k for k in task.streams if matches(k[0])]:
-                task.streams.pop(key, None)
             owned = matches(task.owner)
             if owned:
                 task.owner = None

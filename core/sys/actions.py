@@ -25,6 +25,7 @@ from core.envelope import Request, Response, error_reply, reply, stream_data
 from core.errors import FILE_MISSING, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.manifest import ManifestStore
+from core.streams import StreamAssembler, parse_chunk
 
 if TYPE_CHECKING:
     from core.sys.broker import Broker, Origin
@@ -48,7 +49,8 @@ class SysActions:
         self.settings = broker.settings
         self.uart = {"baud": self.settings["uart.baud"], "data_bits": self.settings["uart.data_bits"],
                      "stop_bits": self.settings["uart.stop_bits"], "parity": self.settings["uart.parity"]}
-        self._streams: dict[tuple, dict[int, Any]] = {}
+        self.streams = StreamAssembler(int(self.settings["framing.max_stream_bytes"]),
+                                       float(self.settings["timeouts.stream_idle_s"]))
         self._reset_waiters: dict[bytes, asyncio.Event] = {}
 
     # dispatch ----------------------------------------------------------------------------------
@@ -277,35 +279,15 @@ class SysActions:
         return None
 
     # helpers -----------------------------------------------------------------------------------
-    def _collect(self, origin: "Origin", request: Request, ack: bool) -> Any:
-        """Reassemble a streamed sys input by index; None until the finish chunk (spec §7.6, §7.7)."""
-        chunk = request.data
-        if not isinstance(chunk, dict) or "delta" not in chunk:
-            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {index, delta, finish}")
-        key = (origin.client, origin.conn, request.request_id, request.action)
-        parts = self._streams.setdefault(key, {})
-        index = chunk.get("index", 0)
-        if not isinstance(index, int) or isinstance(index, bool) or index in parts or index < 0:
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        parts[index] = chunk["delta"]
-        if sum(len(str(v)) for v in parts.values()) > int(self.settings["framing.max_stream_bytes"]):
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over its limit")
-        finish = chunk.get("finish", True) is not False
+    def _collect(self, origin: "Origin", request: Request, ack: bool) -> str | None:
+        """Reassemble a streamed sys input per (connection, action); None until the finish chunk (spec §7.6, §7.7, §10.1)."""
+        finish = parse_chunk(request.data)[2]
+        joined = self.streams.feed((origin.client, origin.conn), request.action, request.data)
         if ack:
             self.broker.answer(origin, reply(request, "sys"), final=not finish)
         elif not finish:
             self.broker.answer(origin, None, final=True)
-        if not finish:
-            return None
-        self._streams.pop(key, None)
-        ordered = [parts[i] for i in sorted(parts)]
-        if sorted(parts) != list(range(min(parts), min(parts) + len(parts))):
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        if all(isinstance(p, str) for p in ordered):
-            return "".join(ordered)
-        raise UnitError(ErrorCode.JSON_FORMAT, "stream deltas must be strings")
+        return joined
 
     def _checked_path(self, path: str) -> Path:
         if not path.startswith("/"):

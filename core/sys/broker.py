@@ -187,6 +187,7 @@ class Broker:
         elif isinstance(message, bus.TaskEvent) and unit is not None:
             self._task_event(unit, message)
         elif isinstance(message, bus.Gone):
+            self.sys_actions.streams.drop_client(identity, message.conn)
             for record in set(self.workers.values()):
                 self.send_to_unit(record, bus.Gone(client=identity, conn=message.conn))
         elif isinstance(message, bus.Control):
@@ -359,6 +360,7 @@ class Broker:
         if self.clients.pop(identity, None) is None:
             return
         log.info("client %r gone", identity)
+        self.sys_actions.streams.drop_client(identity)
         for key in [k for k in self.inflight if k[0] == identity]:
             del self.inflight[key]
         for record in set(self.workers.values()):
