@@ -14,7 +14,9 @@ import base64
 import binascii
 import collections
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,12 +30,18 @@ from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
 from core.settings import Settings
 from core.streams import StreamAssembler
+from core.supervisor import RESTART_EXIT
 
 log = logging.getLogger(__name__)
 
 BASE_ACTIONS = ("setup", "inference", "link", "unlink", "pause", "work", "exit", "taskinfo")
 CHAIN_QUEUE = 64  # chain inputs waiting per task; the oldest is dropped beyond this (spec §18.1)
 JOB_STOP_WAIT_S = 10.0
+
+
+def restartable() -> bool:
+    """Whether something starts this process again when it exits: `unitbus up` or systemd."""
+    return bool(os.environ.get("UNITBUS_SUPERVISED") or os.environ.get("INVOCATION_ID"))
 
 
 class Job:
@@ -183,6 +191,8 @@ class Unit:
         self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task] = set()
         self.registered = asyncio.Event()
+        self.exit_code = 0
+        self._stop: asyncio.Event | None = None
 
     # hooks (override) --------------------------------------------------------------------------
     def load(self, task: Task) -> None:
@@ -266,11 +276,13 @@ class Unit:
         args = parser.parse_args(argv)
         settings = Settings.load(args.config, args.set)
         logs.configure(settings["log.level"], cls.name)
-        asyncio.run(cls(settings).serve())
+        unit = cls(settings)
+        asyncio.run(unit.serve())
+        sys.exit(unit.exit_code)
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
         self._connect()
@@ -298,7 +310,7 @@ class Unit:
         self._hello()
 
     def _hello(self) -> None:
-        actions = [a for a in (*BASE_ACTIONS, *self.extra_actions)]
+        actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
         self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
                             actions=actions, version=self.version, features=list(self.features)))
         self._last_from_sys = time.monotonic()
@@ -354,7 +366,12 @@ class Unit:
     async def _control(self, message: bus.Control) -> None:
         if message.op == "reset":
             await self._drop_all_tasks("sys.reset")
-            self.send(bus.Control("reset_done"))
+            restart = restartable() and self._stop is not None
+            self.send(bus.Control("reset_done", {"restart": restart}))
+            if restart:  # a fresh process; sys writes "reset over" once it has registered again
+                log.info("sys.reset: restarting")
+                self.exit_code = RESTART_EXIT
+                self._stop.set()
         else:
             self.on_control(message)
 
@@ -409,8 +426,8 @@ class Unit:
         if action in self.no_task_actions:
             raise UnitError(ErrorCode.NO_UNIT_ACTION)
         if action == "taskinfo" and work_id is not None and not work_id.is_task:
-            names = sorted((t for t in self.tasks.values() if t.name == work_id.unit),
-                           key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+            # Every task of this process, whatever name it was set up under (tts and melotts share slots).
+            names = sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
             self._reply(route, reply(request, data=[t.work_id for t in names], object=f"{work_id.unit}.tasklist"))
             return
         if action in self.extra_actions:
@@ -448,8 +465,8 @@ class Unit:
         data = request.data
         if not isinstance(data, dict):
             raise UnitError(ErrorCode.JSON_FORMAT, "setup data must be an object")
-        if len(self.tasks) >= self.max_tasks:
-            raise UnitError(ErrorCode.TASK_FULL)
+        snapshot = (message.ctx or {}).get("tasks", {})
+        reclaimed = await self._make_room(snapshot)
         model = data.get("model")
         if not isinstance(model, str) or not model:
             raise UnitError(ErrorCode.MODEL_LOADING, "required key model missing")
@@ -461,6 +478,9 @@ class Unit:
         }
         params = merge_params(defaults, manifest.params, data)
         params["model"] = model
+        ignored = sorted(k for k in data if k not in defaults and k not in manifest.params)
+        if ignored:  # StackFlow ignores keys it does not know; say so rather than pretend (spec §17.4)
+            note = "; ".join(n for n in (note, "ignored setup keys: " + ", ".join(ignored)) if n)
         inputs = params["input"]
         if not all(isinstance(i, str) for i in inputs):
             raise UnitError(ErrorCode.JSON_FORMAT, "input: expected a string or a list of strings")
@@ -468,7 +488,6 @@ class Unit:
                     response_format=str(params["response_format"]), inputs=[], enoutput=bool(params["enoutput"]),
                     owner=[route[0], route[2]] if route else None, last_request_id=request.request_id,
                     exit_on_disconnect=bool(params["exit_on_disconnect"]))
-        snapshot = (message.ctx or {}).get("tasks", {})
         for entry in inputs:
             if is_task_id(entry):
                 self._link(task, entry, snapshot)
@@ -483,13 +502,42 @@ class Unit:
                                   {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
-            raise UnitError(ErrorCode.TASK_FULL)
+            raise self._task_full()
         self.tasks[task.work_id] = task
         task.worker = asyncio.create_task(self._worker(task))
         self._announce(task)
         # load() may leave a note of a setting it substituted (spec §8.1: e.g. a wake word the model lacks).
-        note = "; ".join(n for n in (note, task.state.pop("setup_note", "")) if n)
+        note = "; ".join(n for n in (note, task.state.pop("setup_note", ""), reclaimed) if n)
         self._reply(route, Response(request.request_id, task.work_id, message=note))
+
+    async def _make_room(self, snapshot: dict[str, dict]) -> str:
+        """A slot for a new task, reclaiming orphans when the unit is full; a note naming them, or -21.
+
+        An orphan is a task whose owner disconnected, that is idle, that links nothing and that no
+        task links to: nobody can be using it (README, "Task slots")."""
+        if len(self.tasks) < self.max_tasks:
+            return ""
+        if not self.settings.get("tasks.reclaim_orphans", True):
+            raise self._task_full()
+        linked = {i for info in snapshot.values() for i in info.get("inputs", [])}
+        orphans = [t for t in self.tasks.values()
+                   if t.owner is None and not t.upstream and t.work_id not in linked
+                   and t.current is None and not t.queue]
+        orphans.sort(key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+        needed = len(self.tasks) - self.max_tasks + 1
+        if len(orphans) < needed:
+            raise self._task_full()
+        for task in orphans[:needed]:
+            log.info("%s reclaimed: its owner left and nothing uses it", task.work_id)
+            await self._exit_task(task, "reclaimed")
+        return "reclaimed " + ", ".join(t.work_id for t in orphans[:needed]) + " (owner gone, unused)"
+
+    def _task_full(self) -> UnitError:
+        holders = ", ".join(f"{t.work_id} ({t.model}, {'owner connected' if t.owner else 'owner gone'}"
+                            f"{', linked' if t.upstream else ''})"
+                            for t in sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit('.', 1)[1])))
+        slots = "slot" if self.max_tasks == 1 else "slots"
+        return UnitError(ErrorCode.TASK_FULL, f"{self.max_tasks} {self.name} {slots} held by {holders}")
 
     def _add_source(self, task: Task, entry: str) -> None:
         token = entry.split(".", 1)[0]

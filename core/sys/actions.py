@@ -51,7 +51,7 @@ class SysActions:
                      "stop_bits": self.settings["uart.stop_bits"], "parity": self.settings["uart.parity"]}
         self.streams = StreamAssembler(int(self.settings["framing.max_stream_bytes"]),
                                        float(self.settings["timeouts.stream_idle_s"]))
-        self._reset_waiters: dict[bytes, asyncio.Event] = {}
+        self._reset_done: set[bytes] = set()  # units that reset in place (no supervisor to restart them)
 
     # dispatch ----------------------------------------------------------------------------------
     def dispatch(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
@@ -95,8 +95,8 @@ class SysActions:
             self.broker.answer(origin, error_reply(request.request_id, "sys", ErrorCode.OPERATION_FAILED, str(exc)))
 
     def control_from_peer(self, identity: bytes, message: bus.Control) -> None:
-        if message.op == "reset_done" and identity in self._reset_waiters:
-            self._reset_waiters[identity].set()
+        if message.op == "reset_done" and not (message.data or {}).get("restart"):
+            self._reset_done.add(identity)
 
     # informational -----------------------------------------------------------------------------
     def do_ping(self, origin, request, binary) -> Response:
@@ -152,14 +152,24 @@ class SysActions:
             broker.tasks.pop(work_id, None)
         broker.links.clear()
         broker.next_number = int(self.settings["work_id.start"])
-        self._reset_waiters = {identity: asyncio.Event() for identity in broker.workers}
-        for record in list(broker.workers.values()):
+        # Units under a supervisor (unitbus up, systemd) exit and start afresh; the others drop their
+        # tasks in place. Either way "reset over" waits until every unit is back (spec §7.4).
+        before = list(broker.workers.values())
+        self._reset_done = set()
+        for record in before:
             broker.send_to_unit(record, bus.Control("reset"))
-        waits = [asyncio.wait_for(e.wait(), RESET_WAIT_S) for e in self._reset_waiters.values()]
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        if any(isinstance(r, Exception) for r in results):
-            log.warning("reset: %d unit(s) did not confirm in %.0f s", sum(isinstance(r, Exception) for r in results), RESET_WAIT_S)
-        self._reset_waiters = {}
+        old = {record.identity for record in before}
+
+        def back(record) -> bool:
+            now = broker.units.get(record.name)
+            return record.identity in self._reset_done or (now is not None and now.identity not in old)
+
+        deadline = asyncio.get_running_loop().time() + RESET_WAIT_S
+        while not all(back(r) for r in before) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        missing = [r.name for r in before if not back(r)]
+        if missing:
+            log.warning("reset: %s not back within %.0f s", ", ".join(missing), RESET_WAIT_S)
         notice = Response("0", "sys", message="reset over")
         for identity, client in list(broker.clients.items()):
             if "uart" in client.features:

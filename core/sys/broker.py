@@ -226,7 +226,9 @@ class Broker:
         if request.action == "inference":
             task = self.tasks.get(request.work_id) if work_id and work_id.is_task else None
             if task is None:
-                self.answer_error(origin, request, ErrorCode.INFERENCE_PUSH)
+                record = self.units.get(work_id.unit) if work_id and not work_id.is_task else None
+                no_action = record is not None and "inference" not in record.actions  # audio (spec §9)
+                self.answer_error(origin, request, ErrorCode.NO_UNIT_ACTION if no_action else ErrorCode.INFERENCE_PUSH)
                 return
             self._forward(origin, request, task.unit, None, message.binary)
             return
