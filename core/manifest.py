@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,6 +14,8 @@ from core.paths import package_dir, resolve_pkg_url
 
 log = logging.getLogger(__name__)
 
+# A language named in a StackFlow voice name (melotts-zh-cn, melotts_ja-jp-ax650): aliases cover the English ones.
+LANGUAGE_TAG = re.compile(r"(?<![a-z])([a-z]{2}[-_][a-z]{2})(?![a-z])")
 
 SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "mode": (str, True),
@@ -169,7 +172,13 @@ class ManifestStore:
             for manifest in candidates:
                 if any(match(alias, name) for alias in manifest.aliases):
                     return manifest, f"model alias: {name} -> {manifest.mode}"
-        raise UnitError(ErrorCode.MODEL_LOADING, f"no manifest named {name} (see sys.lsmode)")
+        installed = ", ".join(sorted(m.mode for m in candidates)) or "none"
+        language = LANGUAGE_TAG.search(name.lower())
+        if wanted_type == "tts" and language:
+            raise UnitError(ErrorCode.MODEL_LOADING,
+                            f"no voice for {language.group(1).replace('_', '-')} is installed (installed: {installed})")
+        raise UnitError(ErrorCode.MODEL_LOADING,
+                        f"no manifest named {name} (installed {wanted_type} models: {installed}; see sys.lsmode)")
 
 
 def merge_params(defaults: Mapping[str, Any], mode_param: Mapping[str, Any], setup: Mapping[str, Any],

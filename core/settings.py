@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "tcp.bind": "127.0.0.1",
     "tcp.max_connections": 16,
     "tcp.cancel_on_disconnect": True,
+    "tasks.reclaim_orphans": True,  # a full unit's setup exits idle, unlinked tasks whose owner left
     "uart.enabled": "auto",
     "uart.device": "/dev/ttyS1",
     "uart.baud": 115200,
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "framing.max_stream_bytes": 16 * MIB,
     "framing.idle_reset_s": 5.0,
     "framing.max_pending_bytes": 1 * MIB,
-    "framing.escape_braces": False,
+    "framing.escape_braces": "uart",  # "uart", true (every connection) or false (spec §4.3)
     "work_id.start": 1000,
     "sys.allow": [],
     "sys.token": "",

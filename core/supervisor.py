@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 8.0
 MAX_BACKOFF_S = 10.0
 STABLE_AFTER_S = 30.0  # a child that ran this long has its restart delay reset
+RESTART_EXIT = 75  # exit status of a unit asking to be started afresh (sys.reset, spec §7.4)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Supervisor:
             self.env["UNITBUS_OVERRIDES"] = json.dumps(overrides)
         if config:
             self.env["UNITBUS_CONFIG"] = str(config)
+        self.env["UNITBUS_SUPERVISED"] = "1"  # units exit on sys.reset to be started afresh
         self.stopping = False
         self._watchers: list[asyncio.Task] = []
 
@@ -83,6 +85,11 @@ class Supervisor:
             if self.stopping:
                 return
             ran = time.monotonic() - child.started
+            if code == RESTART_EXIT:  # asked for (sys.reset): at once, and no sign of trouble
+                log.info("%s restarts (sys.reset)", child.name)
+                child.restarts += 1
+                await self.start_child(child)
+                continue
             if ran > STABLE_AFTER_S:
                 child.backoff = 0.5
             log.warning("%s exited with %s after %.1f s; restarting in %.1f s", child.name, code, ran, child.backoff)

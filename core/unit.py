@@ -14,7 +14,9 @@ import base64
 import binascii
 import collections
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,12 +29,19 @@ from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
 from core.settings import Settings
+from core.streams import StreamAssembler
+from core.supervisor import RESTART_EXIT
 
 log = logging.getLogger(__name__)
 
 BASE_ACTIONS = ("setup", "inference", "link", "unlink", "pause", "work", "exit", "taskinfo")
 CHAIN_QUEUE = 64  # chain inputs waiting per task; the oldest is dropped beyond this (spec §18.1)
 JOB_STOP_WAIT_S = 10.0
+
+
+def restartable() -> bool:
+    """Whether something starts this process again when it exits: `unitbus up` or systemd."""
+    return bool(os.environ.get("UNITBUS_SUPERVISED") or os.environ.get("INVOCATION_ID"))
 
 
 class Job:
@@ -130,7 +139,6 @@ class Task:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
     closed: bool = False
-    streams: dict[tuple, dict[int, Any]] = field(default_factory=dict)
 
     @property
     def stream_output(self) -> bool:
@@ -174,6 +182,7 @@ class Unit:
         self.max_tasks = int(settings.get(f"{self.name}.max_tasks", 1))
         self.manifests = ManifestStore(settings)
         self.tasks: dict[str, Task] = {}
+        self.streams = StreamAssembler(int(settings["framing.max_stream_bytes"]), float(settings["timeouts.stream_idle_s"]))
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
         self._ctx = bus.Context()
@@ -182,6 +191,8 @@ class Unit:
         self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task] = set()
         self.registered = asyncio.Event()
+        self.exit_code = 0
+        self._stop: asyncio.Event | None = None
 
     # hooks (override) --------------------------------------------------------------------------
     def load(self, task: Task) -> None:
@@ -265,11 +276,13 @@ class Unit:
         args = parser.parse_args(argv)
         settings = Settings.load(args.config, args.set)
         logs.configure(settings["log.level"], cls.name)
-        asyncio.run(cls(settings).serve())
+        unit = cls(settings)
+        asyncio.run(unit.serve())
+        sys.exit(unit.exit_code)
 
     async def serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
         self._connect()
@@ -297,7 +310,7 @@ class Unit:
         self._hello()
 
     def _hello(self) -> None:
-        actions = [a for a in (*BASE_ACTIONS, *self.extra_actions)]
+        actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
         self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
                             actions=actions, version=self.version, features=list(self.features)))
         self._last_from_sys = time.monotonic()
@@ -353,7 +366,12 @@ class Unit:
     async def _control(self, message: bus.Control) -> None:
         if message.op == "reset":
             await self._drop_all_tasks("sys.reset")
-            self.send(bus.Control("reset_done"))
+            restart = restartable() and self._stop is not None
+            self.send(bus.Control("reset_done", {"restart": restart}))
+            if restart:  # a fresh process; sys writes "reset over" once it has registered again
+                log.info("sys.reset: restarting")
+                self.exit_code = RESTART_EXIT
+                self._stop.set()
         else:
             self.on_control(message)
 
@@ -408,8 +426,8 @@ class Unit:
         if action in self.no_task_actions:
             raise UnitError(ErrorCode.NO_UNIT_ACTION)
         if action == "taskinfo" and work_id is not None and not work_id.is_task:
-            names = sorted((t for t in self.tasks.values() if t.name == work_id.unit),
-                           key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+            # Every task of this process, whatever name it was set up under (tts and melotts share slots).
+            names = sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
             self._reply(route, reply(request, data=[t.work_id for t in names], object=f"{work_id.unit}.tasklist"))
             return
         if action in self.extra_actions:
@@ -447,8 +465,8 @@ class Unit:
         data = request.data
         if not isinstance(data, dict):
             raise UnitError(ErrorCode.JSON_FORMAT, "setup data must be an object")
-        if len(self.tasks) >= self.max_tasks:
-            raise UnitError(ErrorCode.TASK_FULL)
+        snapshot = (message.ctx or {}).get("tasks", {})
+        reclaimed = await self._make_room(snapshot)
         model = data.get("model")
         if not isinstance(model, str) or not model:
             raise UnitError(ErrorCode.MODEL_LOADING, "required key model missing")
@@ -460,6 +478,9 @@ class Unit:
         }
         params = merge_params(defaults, manifest.params, data)
         params["model"] = model
+        ignored = sorted(k for k in data if k not in defaults and k not in manifest.params)
+        if ignored:  # StackFlow ignores keys it does not know; say so rather than pretend (spec §17.4)
+            note = "; ".join(n for n in (note, "ignored setup keys: " + ", ".join(ignored)) if n)
         inputs = params["input"]
         if not all(isinstance(i, str) for i in inputs):
             raise UnitError(ErrorCode.JSON_FORMAT, "input: expected a string or a list of strings")
@@ -467,7 +488,6 @@ class Unit:
                     response_format=str(params["response_format"]), inputs=[], enoutput=bool(params["enoutput"]),
                     owner=[route[0], route[2]] if route else None, last_request_id=request.request_id,
                     exit_on_disconnect=bool(params["exit_on_disconnect"]))
-        snapshot = (message.ctx or {}).get("tasks", {})
         for entry in inputs:
             if is_task_id(entry):
                 self._link(task, entry, snapshot)
@@ -482,13 +502,42 @@ class Unit:
                                   {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
-            raise UnitError(ErrorCode.TASK_FULL)
+            raise self._task_full()
         self.tasks[task.work_id] = task
         task.worker = asyncio.create_task(self._worker(task))
         self._announce(task)
         # load() may leave a note of a setting it substituted (spec §8.1: e.g. a wake word the model lacks).
-        note = "; ".join(n for n in (note, task.state.pop("setup_note", "")) if n)
+        note = "; ".join(n for n in (note, task.state.pop("setup_note", ""), reclaimed) if n)
         self._reply(route, Response(request.request_id, task.work_id, message=note))
+
+    async def _make_room(self, snapshot: dict[str, dict]) -> str:
+        """A slot for a new task, reclaiming orphans when the unit is full; a note naming them, or -21.
+
+        An orphan is a task whose owner disconnected, that is idle, that links nothing and that no
+        task links to: nobody can be using it (README, "Task slots")."""
+        if len(self.tasks) < self.max_tasks:
+            return ""
+        if not self.settings.get("tasks.reclaim_orphans", True):
+            raise self._task_full()
+        linked = {i for info in snapshot.values() for i in info.get("inputs", [])}
+        orphans = [t for t in self.tasks.values()
+                   if t.owner is None and not t.upstream and t.work_id not in linked
+                   and t.current is None and not t.queue]
+        orphans.sort(key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+        needed = len(self.tasks) - self.max_tasks + 1
+        if len(orphans) < needed:
+            raise self._task_full()
+        for task in orphans[:needed]:
+            log.info("%s reclaimed: its owner left and nothing uses it", task.work_id)
+            await self._exit_task(task, "reclaimed")
+        return "reclaimed " + ", ".join(t.work_id for t in orphans[:needed]) + " (owner gone, unused)"
+
+    def _task_full(self) -> UnitError:
+        holders = ", ".join(f"{t.work_id} ({t.model}, {'owner connected' if t.owner else 'owner gone'}"
+                            f"{', linked' if t.upstream else ''})"
+                            for t in sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit('.', 1)[1])))
+        slots = "slot" if self.max_tasks == 1 else "slots"
+        return UnitError(ErrorCode.TASK_FULL, f"{self.max_tasks} {self.name} {slots} held by {holders}")
 
     def _add_source(self, task: Task, entry: str) -> None:
         token = entry.split(".", 1)[0]
@@ -551,7 +600,7 @@ class Unit:
         if message.binary is not None:
             payload = message.binary
         elif kind.stream and self.reassemble_streams:
-            payload = self._reassemble(task, request, conn_key)
+            payload = self.streams.feed(conn_key or (None, None), task.work_id, request.data)
             if payload is None:
                 self._reply(route, None)  # a chunk in the middle of a stream: nothing to say yet
                 return
@@ -566,34 +615,6 @@ class Unit:
             raise UnitError(ErrorCode.EMPTY_DATA)
         job = Job(self, task, request.request_id, request.object, payload, route=route, conn_key=conn_key)
         self.enqueue(task, job)
-
-    def _reassemble(self, task: Task, request: Request, conn_key: tuple | None) -> Any:
-        """Join streamed input by index per (connection, task, request_id) (spec §10.5)."""
-        chunk = request.data
-        if not isinstance(chunk, dict) or "delta" not in chunk:
-            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
-        finish = chunk.get("finish", True) is not False
-        index = chunk.get("index", 0)
-        delta = chunk["delta"]
-        if not isinstance(delta, str):
-            raise UnitError(ErrorCode.JSON_FORMAT, "delta: expected string")
-        key = (conn_key, request.request_id)
-        parts = task.streams.get(key)
-        if parts is None:
-            if finish:
-                return delta  # a lone final chunk is accepted whatever its index
-            parts = task.streams[key] = {}
-        if not isinstance(index, int) or isinstance(index, bool) or index != len(parts):
-            task.streams.pop(key, None)
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        parts[index] = delta
-        if sum(len(p) for p in parts.values()) > int(self.settings["framing.max_stream_bytes"]):
-            task.streams.pop(key, None)
-            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over framing.max_stream_bytes")
-        if not finish:
-            return None
-        task.streams.pop(key, None)
-        return "".join(parts[i] for i in range(len(parts)))
 
     def _chain(self, message: bus.Chain) -> None:
         if not message.dst:
@@ -697,6 +718,7 @@ class Unit:
         except Exception:
             log.exception("%s: on_exit failed", task.work_id)
         self.tasks.pop(task.work_id, None)
+        self.streams.drop_target(task.work_id)
         self.send(bus.TaskEvent(op="down", work_id=task.work_id))
 
     async def _drop_all_tasks(self, why: str) -> None:
@@ -709,9 +731,8 @@ class Unit:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
         cancel = bool(self.settings["tcp.cancel_on_disconnect"])
+        self.streams.drop_client(message.client, message.conn)
         for task in list(self.tasks.values()):
-            for key in [k for k in task.streams if matches(k[0])]:
-                task.streams.pop(key, None)
             owned = matches(task.owner)
             if owned:
                 task.owner = None

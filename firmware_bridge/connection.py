@@ -17,14 +17,23 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def escapes_braces(setting: object, kind: str) -> bool:
+    """framing.escape_braces: "uart" (the default: MCU parsers count braces), true for every
+    connection, false for none (spec §4.3)."""
+    value = str(setting).strip().lower()
+    if value == "uart":
+        return kind == "uart"
+    return value in ("true", "1", "yes", "on")
+
+
 class Connection:
     def __init__(self, client: BusClient, settings: Settings, write: Callable[[bytes], None],
-                 pending_bytes: Callable[[], int], label: str):
+                 pending_bytes: Callable[[], int], label: str, kind: str = "tcp"):
         self.client = client
         self.write_bytes = write
         self.pending_bytes = pending_bytes
         self.label = label
-        self.escape_braces = bool(settings["framing.escape_braces"])
+        self.escape_braces = escapes_braces(settings["framing.escape_braces"], kind)
         self.max_pending = int(settings["framing.max_pending_bytes"])
         self.framer = Framer(int(settings["framing.max_frame_bytes"]), int(settings["framing.max_raw_bytes"]),
                              float(settings["framing.idle_reset_s"]))

@@ -79,7 +79,7 @@ class UartBridge:
             self.values = await asyncio.to_thread(self._recovery_handshake, saved)
         self.port = serial.Serial(self.device, timeout=0, write_timeout=None, **serial_settings(self.values))
         self.connection = Connection(self.client, self.settings, self._queue_write, self._pending_bytes,
-                                     f"uart {self.device}")
+                                     f"uart {self.device}", kind="uart")
         self.loop.add_reader(self.port.fileno(), self._readable)
         self._writer = threading.Thread(target=self._write_loop, name="uart-writer", daemon=True)
         self._writer.start()

@@ -25,6 +25,7 @@ from core.envelope import Request, Response, error_reply, reply, stream_data
 from core.errors import FILE_MISSING, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.manifest import ManifestStore
+from core.streams import StreamAssembler, parse_chunk
 
 if TYPE_CHECKING:
     from core.sys.broker import Broker, Origin
@@ -48,8 +49,9 @@ class SysActions:
         self.settings = broker.settings
         self.uart = {"baud": self.settings["uart.baud"], "data_bits": self.settings["uart.data_bits"],
                      "stop_bits": self.settings["uart.stop_bits"], "parity": self.settings["uart.parity"]}
-        self._streams: dict[tuple, dict[int, Any]] = {}
-        self._reset_waiters: dict[bytes, asyncio.Event] = {}
+        self.streams = StreamAssembler(int(self.settings["framing.max_stream_bytes"]),
+                                       float(self.settings["timeouts.stream_idle_s"]))
+        self._reset_done: set[bytes] = set()  # units that reset in place (no supervisor to restart them)
 
     # dispatch ----------------------------------------------------------------------------------
     def dispatch(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
@@ -93,8 +95,8 @@ class SysActions:
             self.broker.answer(origin, error_reply(request.request_id, "sys", ErrorCode.OPERATION_FAILED, str(exc)))
 
     def control_from_peer(self, identity: bytes, message: bus.Control) -> None:
-        if message.op == "reset_done" and identity in self._reset_waiters:
-            self._reset_waiters[identity].set()
+        if message.op == "reset_done" and not (message.data or {}).get("restart"):
+            self._reset_done.add(identity)
 
     # informational -----------------------------------------------------------------------------
     def do_ping(self, origin, request, binary) -> Response:
@@ -150,14 +152,24 @@ class SysActions:
             broker.tasks.pop(work_id, None)
         broker.links.clear()
         broker.next_number = int(self.settings["work_id.start"])
-        self._reset_waiters = {identity: asyncio.Event() for identity in broker.workers}
-        for record in list(broker.workers.values()):
+        # Units under a supervisor (unitbus up, systemd) exit and start afresh; the others drop their
+        # tasks in place. Either way "reset over" waits until every unit is back (spec §7.4).
+        before = list(broker.workers.values())
+        self._reset_done = set()
+        for record in before:
             broker.send_to_unit(record, bus.Control("reset"))
-        waits = [asyncio.wait_for(e.wait(), RESET_WAIT_S) for e in self._reset_waiters.values()]
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        if any(isinstance(r, Exception) for r in results):
-            log.warning("reset: %d unit(s) did not confirm in %.0f s", sum(isinstance(r, Exception) for r in results), RESET_WAIT_S)
-        self._reset_waiters = {}
+        old = {record.identity for record in before}
+
+        def back(record) -> bool:
+            now = broker.units.get(record.name)
+            return record.identity in self._reset_done or (now is not None and now.identity not in old)
+
+        deadline = asyncio.get_running_loop().time() + RESET_WAIT_S
+        while not all(back(r) for r in before) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        missing = [r.name for r in before if not back(r)]
+        if missing:
+            log.warning("reset: %s not back within %.0f s", ", ".join(missing), RESET_WAIT_S)
         notice = Response("0", "sys", message="reset over")
         for identity, client in list(broker.clients.items()):
             if "uart" in client.features:
@@ -277,35 +289,15 @@ class SysActions:
         return None
 
     # helpers -----------------------------------------------------------------------------------
-    def _collect(self, origin: "Origin", request: Request, ack: bool) -> Any:
-        """Reassemble a streamed sys input by index; None until the finish chunk (spec §7.6, §7.7)."""
-        chunk = request.data
-        if not isinstance(chunk, dict) or "delta" not in chunk:
-            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {index, delta, finish}")
-        key = (origin.client, origin.conn, request.request_id, request.action)
-        parts = self._streams.setdefault(key, {})
-        index = chunk.get("index", 0)
-        if not isinstance(index, int) or isinstance(index, bool) or index in parts or index < 0:
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        parts[index] = chunk["delta"]
-        if sum(len(str(v)) for v in parts.values()) > int(self.settings["framing.max_stream_bytes"]):
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over its limit")
-        finish = chunk.get("finish", True) is not False
+    def _collect(self, origin: "Origin", request: Request, ack: bool) -> str | None:
+        """Reassemble a streamed sys input per (connection, action); None until the finish chunk (spec §7.6, §7.7, §10.1)."""
+        finish = parse_chunk(request.data)[2]
+        joined = self.streams.feed((origin.client, origin.conn), request.action, request.data)
         if ack:
             self.broker.answer(origin, reply(request, "sys"), final=not finish)
         elif not finish:
             self.broker.answer(origin, None, final=True)
-        if not finish:
-            return None
-        self._streams.pop(key, None)
-        ordered = [parts[i] for i in sorted(parts)]
-        if sorted(parts) != list(range(min(parts), min(parts) + len(parts))):
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        if all(isinstance(p, str) for p in ordered):
-            return "".join(ordered)
-        raise UnitError(ErrorCode.JSON_FORMAT, "stream deltas must be strings")
+        return joined
 
     def _checked_path(self, path: str) -> Path:
         if not path.startswith("/"):

@@ -187,6 +187,7 @@ class Broker:
         elif isinstance(message, bus.TaskEvent) and unit is not None:
             self._task_event(unit, message)
         elif isinstance(message, bus.Gone):
+            self.sys_actions.streams.drop_client(identity, message.conn)
             for record in set(self.workers.values()):
                 self.send_to_unit(record, bus.Gone(client=identity, conn=message.conn))
         elif isinstance(message, bus.Control):
@@ -225,7 +226,9 @@ class Broker:
         if request.action == "inference":
             task = self.tasks.get(request.work_id) if work_id and work_id.is_task else None
             if task is None:
-                self.answer_error(origin, request, ErrorCode.INFERENCE_PUSH)
+                record = self.units.get(work_id.unit) if work_id and not work_id.is_task else None
+                no_action = record is not None and "inference" not in record.actions  # audio (spec §9)
+                self.answer_error(origin, request, ErrorCode.NO_UNIT_ACTION if no_action else ErrorCode.INFERENCE_PUSH)
                 return
             self._forward(origin, request, task.unit, None, message.binary)
             return
@@ -359,6 +362,7 @@ class Broker:
         if self.clients.pop(identity, None) is None:
             return
         log.info("client %r gone", identity)
+        self.sys_actions.streams.drop_client(identity)
         for key in [k for k in self.inflight if k[0] == identity]:
             del self.inflight[key]
         for record in set(self.workers.values()):

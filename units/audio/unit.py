@@ -52,7 +52,6 @@ class AudioUnit(Unit):
         self.devices = {"cap": {"card": None, "device": None, "volume": 1.0},
                         "play": {"card": None, "device": None, "volume": 1.0}}
         self.listeners = 0
-        self._streams: dict[tuple, list[str]] = {}
         log.info("capture: %s, playback: %s", self.capture_mode or "none", self.player.mode)
 
     async def serve(self) -> None:
@@ -164,7 +163,8 @@ class AudioUnit(Unit):
         else:
             payload = request.data
             if kind.stream:
-                payload = self._collect(request, route)
+                conn = (route[0], route[2]) if route else (None, None)
+                payload = self.streams.feed(conn, request.action, request.data)
                 if payload is None:
                     return None
             if not isinstance(payload, str) or not payload:
@@ -176,26 +176,3 @@ class AudioUnit(Unit):
         if not raw:
             raise UnitError(ErrorCode.EMPTY_DATA)
         return decode_audio(request.object, raw)
-
-    def _collect(self, request: Request, route: list) -> str | None:
-        """Join {delta, index, finish} chunks per (connection, request_id) (spec §10.5)."""
-        chunk = request.data
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("delta"), str):
-            raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
-        key = (route[0] if route else None, route[2] if len(route) > 2 else None, request.request_id)
-        parts = self._streams.get(key)
-        finish = chunk.get("finish", True) is not False
-        if parts is None:
-            if finish:
-                return chunk["delta"]
-            parts = self._streams[key] = []
-        if chunk.get("index") != len(parts):
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.STREAM_INDEX)
-        parts.append(chunk["delta"])
-        if sum(len(p) for p in parts) > int(self.settings["framing.max_stream_bytes"]):
-            self._streams.pop(key, None)
-            raise UnitError(ErrorCode.FRAME_TOO_LARGE, "stream buffer over framing.max_stream_bytes")
-        if not finish:
-            return None
-        return "".join(self._streams.pop(key))

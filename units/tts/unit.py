@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 PLAY_SOURCE = "sys.play"
 MIN_RATE, MAX_RATE = 8000, 48000
+# OpenAI's voice names (the ModuleLLM OpenAI plugin passes them through in setup): each model speaks
+# them with its own default voice.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                           "shimmer", "verse"})
 
 
 class TtsUnit(Unit):
@@ -58,13 +62,38 @@ class TtsUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, f"audio_rate must be between {MIN_RATE} and {MAX_RATE} Hz")
         if params["awake_delay"] < 0:
             raise UnitError(ErrorCode.JSON_FORMAT, "awake_delay must not be negative")
+        voice_params, note = self._voice_params(task)
         try:
-            voice: TtsVoice = load_tts({**params, "mode": task.manifest.mode})
+            voice: TtsVoice = load_tts({**voice_params, "mode": task.manifest.mode})
         except (TtsError, ValueError, OSError) as exc:
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
+        if voice_params.get("voice") != task.manifest.params.get("voice") and voice.backend != "piper":
+            # A voice file the client named must be that voice, never the espeak-ng fallback.
+            raise UnitError(ErrorCode.MODEL_LOADING, f"voice {voice_params['voice']} cannot be loaded")
+        if note:
+            task.state["setup_note"] = note
         task.state.update(voice=voice, speed=float(speed), splitters={}, out_index={}, chain_streams=set(),
                           deaf_until=0.0,
                           play=task.response_format.split(".")[0] == "sys")
+
+    @staticmethod
+    def _voice_params(task: Task) -> tuple[dict[str, Any], str]:
+        """The parameters the voice loads with, and a note when a setup `voice` named no voice file.
+
+        A setup `voice` replaces the manifest's only when it is a file reference (pkg://, a path to an
+        .onnx file); a name such as OpenAI's "alloy" keeps the model's own voice."""
+        params = dict(task.params)
+        default = task.manifest.params.get("voice")
+        asked = params.get("voice")
+        if asked is None or asked == default:
+            return params, ""
+        if isinstance(asked, str) and (asked.startswith("pkg://") or asked.endswith(".onnx")):
+            if params.get("voice_config") == task.manifest.params.get("voice_config"):
+                params.pop("voice_config", None)  # the named voice's own <voice>.json
+            return params, ""
+        params["voice"] = default
+        why = "an OpenAI voice name" if str(asked).lower() in OPENAI_VOICES else "not a voice file"
+        return params, f"voice {asked} ({why}): {task.manifest.mode} speaks with its default voice"
 
     # client text -------------------------------------------------------------------------------
     def _inference(self, request, message: bus.Req, route: list) -> None:
