@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     "up.units": ["llm", "asr", "kws", "vad", "tts", "audio"],
     "up.bridge": True,
     "up.http": True,
+    "up.wyoming": True,
     "log.level": "INFO",
     # HTTP gateways (http-apis.md): one process, one listener per API.
     "http.bind": "127.0.0.1",
@@ -117,6 +118,16 @@ DEFAULTS: dict[str, Any] = {
     "http.dbc.cid": "",
     "http.dbc.models": [],
     "http.dbc.refresh_s": 60.0,
+    # Wyoming server (Home Assistant voice services): asr, tts, wake and handle from the units.
+    "wyoming.bind": "127.0.0.1",
+    "wyoming.port": 10300,
+    "wyoming.zeroconf": "auto",  # advertise _wyoming._tcp: "auto" (only when bound off loopback), true, false
+    "wyoming.zeroconf_name": "",  # the advertised service name; empty: unitbus-<hostname>
+    "wyoming.keep_alive": "30m",  # idle time before the server's tasks are unloaded; negative: never
+    "wyoming.preload": [],  # models loaded at start and kept
+    "wyoming.handle_model": "",  # the llm answering `transcript` (empty: the first installed llm)
+    "wyoming.handle_prompt": "You are a voice assistant. Answer in one or two short sentences.",
+    "wyoming.handle_max_tokens": 160,
 }
 DEFAULTS.update({f"{name}.max_tasks": 2 if name == "llm" else 1 for name in UNIT_NAMES})
 

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from core.client import BusClient
 from core.envelope import Request
@@ -33,6 +33,8 @@ TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {
     "llm": ("llm", {"response_format": "llm.utf-8.stream", "input": "llm.utf-8", "enoutput": True}),
     "asr": ("whisper", {"response_format": "asr.utf-8", "input": "whisper.base64", "enoutput": True}),
     "tts": ("tts", {"response_format": "tts.pcm.base64", "input": "tts.utf-8", "enoutput": True}),
+    "kws": ("kws", {"response_format": "kws.json", "input": "kws.wav.base64", "enoutput": True,
+                    "enwake_audio": False}),
 }
 
 
@@ -112,11 +114,13 @@ class Served:
 class TaskPool:
     """One bus client's models and tasks. `name` prefixes its request ids; `keep_alive` is the default idle
     time before a task is unloaded; `max_queue` is each llm task's queue; `preload` names models loaded at
-    start and kept; with `abort_load_on_disconnect` a load stops when the request that started it is
-    cancelled (otherwise it goes on, so a retry finds the model loaded)."""
+    start and kept, set up with `preload_setup(manifest)` when given; with `abort_load_on_disconnect` a
+    load stops when the request that started it is cancelled (otherwise it goes on, so a retry finds the
+    model loaded)."""
 
     def __init__(self, settings: Settings, client: BusClient | None = None, *, name: str = "pool",
                  keep_alive: Any = "5m", max_queue: int = 8, preload: Iterable[str] = (),
+                 preload_setup: Callable[[dict], dict[str, Any]] | None = None,
                  abort_load_on_disconnect: bool = False):
         self.settings = settings
         self.name = name
@@ -127,6 +131,7 @@ class TaskPool:
         self.served: dict[tuple[str, str], Served] = {}
         self.running: dict[str, Served] = {}  # request_id -> task, for cancel()
         self.preload = list(preload)
+        self.preload_setup = preload_setup
         self.preload_errors: dict[str, str] = {}
         self.default_keep_alive = parse_duration(keep_alive)
         self.max_queue = int(max_queue)
@@ -167,8 +172,9 @@ class TaskPool:
         deadline = time.monotonic() + float(self.settings["timeouts.setup_s"])
         while True:
             try:
-                manifest = await self.find(name, ("llm", "asr", "tts"))
-                await self.acquire(manifest, preload=True)
+                manifest = await self.find(name, tuple(TASK_SETUP))
+                setup = self.preload_setup(manifest) if self.preload_setup is not None else None
+                await self.acquire(manifest, preload=True, setup=setup)
                 return
             except UnitError as exc:
                 if exc.code in (ErrorCode.UNIT_NOT_EXIST, ErrorCode.UNIT_CALL) and time.monotonic() < deadline:
