@@ -46,6 +46,7 @@ MAX_UTTERANCE_S = 300.0
 HOP_S = 0.5
 WAKE_CONTEXT_S = 2.0
 WAKE_REFRACTORY_MS = 2000
+MAX_WAKE_BACKLOG_S = 10.0
 TTS_RATE = 16000  # what the tts unit returns by default (spec §16.6 audio_rate)
 _TAGS = re.compile(r"<[^>]+>")
 _CONNECTIONS = itertools.count(1)
@@ -331,6 +332,15 @@ class Wake:
 
     def chunk(self, audio: Audio) -> None:
         fmt = audio.fmt
+        behind = audio.dropped + len(audio.pcm) - self.sent
+        if behind > fmt.bytes_for(MAX_WAKE_BACKLOG_S):
+            # The kws unit cannot keep up (or is still loading): judge the newest audio, not a growing past.
+            log.warning("wyoming %d: kws is %.1f s behind; skipping to the newest audio", self.conn.id,
+                        fmt.seconds(behind))
+            self.sent = audio.dropped + len(audio.pcm) - fmt.bytes_for(HOP_S)
+            cut = max(0, len(audio.pcm) - fmt.bytes_for(WAKE_CONTEXT_S + HOP_S))
+            del audio.pcm[:cut]
+            audio.dropped += cut
         if self.running is None or self.running.done():
             if fmt.seconds(audio.dropped + len(audio.pcm) - self.sent) >= HOP_S:
                 self.running = self.conn.spawn(self.clip(audio))

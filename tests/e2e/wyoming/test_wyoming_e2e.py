@@ -254,3 +254,24 @@ def test_describe_answers_within_a_second_while_loading_and_with_a_unit_down(tmp
         assert error.type == "error" and "tts unit is not running" in error.data["text"], error.data
     finally:
         ws.stack.stop()
+
+
+def test_zeroconf_advertises_when_bound_off_loopback(tmp_path):
+    from zeroconf.asyncio import AsyncZeroconf
+
+    name = f"unitbus-test-{os.getpid()}"
+    ws = start_wyoming(tmp_path, ["kws"], {"wyoming.bind": "0.0.0.0", "wyoming.zeroconf_name": name})
+    try:
+        async def look():
+            browser = AsyncZeroconf()
+            try:
+                return await browser.async_get_service_info("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.",
+                                                            timeout=5000)
+            finally:
+                await browser.async_close()
+
+        found = asyncio.run(look())
+        assert found is not None and found.port == ws.port
+        assert asyncio.run(describe(ws))[0].wake  # and it serves on that port
+    finally:
+        ws.stack.stop()
