@@ -28,6 +28,7 @@ from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 from wyoming.info import Describe
+from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 from wyoming.wake import Detect, Detection, NotDetected
@@ -121,6 +122,8 @@ class Connection(AsyncEventHandler):
         kind = event.type
         if Describe.is_type(kind):
             await self.write_event(self.server.info().event())
+        elif Ping.is_type(kind):
+            await self.write_event(Pong(text=Ping.from_event(event).text).event())
         elif Transcribe.is_type(kind):
             self.start_asr(Transcribe.from_event(event))
         elif Detect.is_type(kind):

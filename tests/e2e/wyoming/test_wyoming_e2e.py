@@ -204,8 +204,8 @@ def test_malformed_events_get_errors_and_the_connection_goes_on(wyoming_stack):
                      b'{"type": "synthesize-chunk", "data": {"text": "x"}}\n'):
             writer.write(line)
             answers.append(await read_one())
-        writer.write(b'{"type": "describe"}\n')
-        answers.append(await read_one())
+        writer.write(b'{"type": "describe"}\n{"type": "ping", "data": {"text": "still there?"}}\n')
+        answers += [await read_one(), await read_one()]
         # A length that cannot be skipped ends this connection only, after saying why.
         writer.write(b'{"type": "audio-chunk", "payload_length": -5}\n')
         answers.append(await read_one())
@@ -214,10 +214,10 @@ def test_malformed_events_get_errors_and_the_connection_goes_on(wyoming_stack):
         return answers, closed
 
     answers, closed = asyncio.run(run())
-    assert [t for t, _ in answers] == ["error"] * 5 + ["info", "error"]
+    assert [t for t, _ in answers] == ["error"] * 5 + ["info", "pong", "error"]
     texts = [d.get("text", "") for _, d in answers]
     assert "not JSON" in texts[0] and "missing text" in texts[2] and "rate" in texts[3]
-    assert "synthesize-start" in texts[4] and "payload_length" in texts[6] and closed
+    assert "synthesize-start" in texts[4] and texts[6] == "still there?" and "payload_length" in texts[7] and closed
     info, _ = asyncio.run(describe(wyoming_stack))  # the server is still there for everyone else
     assert info.asr
 
