@@ -16,7 +16,8 @@ from core.settings import Settings, SettingsError, parse_assignments
 
 log = logging.getLogger("unitbus")
 
-SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service", "unitbus-http.service")
+SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service", "unitbus-http.service",
+            "unitbus-wyoming.service")
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
@@ -131,7 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run one process in the foreground (what the systemd units start)."""
     import runpy
 
-    module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http"}.get(args.process)
+    module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http",
+              "wyoming": "firmware_bridge.wyoming"}.get(args.process)
     if module is None:
         info = registry.installed().get(args.process)
         if info is None:
@@ -202,7 +204,8 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
-        units = ["unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service"] + [
+        units = ["unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service",
+                 "unitbus-wyoming.service"] + [
             f"unitbus-unit@{u}.service" for u in args.units or registry.default_units()]
         subprocess.run(["systemctl", "enable", "--now", *units], check=False)
     return 0
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=130.0, help="seconds to wait for each message")
     call.set_defaults(func=cmd_call)
 
-    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http or a unit name")
+    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http, wyoming or a unit name")
     common(run)
     run.add_argument("process")
     run.set_defaults(func=cmd_run)

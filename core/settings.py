@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "up.units": [],  # empty: every installed unit that starts by default (core/registry.py)
     "up.bridge": True,
     "up.http": True,
+    "up.wyoming": True,
     "log.level": "INFO",
     # HTTP gateways (http-apis.md): one process, one listener per API.
     "http.bind": "127.0.0.1",
@@ -108,6 +109,16 @@ DEFAULTS: dict[str, Any] = {
     "http.dbc.cid": "",
     "http.dbc.models": [],
     "http.dbc.refresh_s": 60.0,
+    # Wyoming server (Home Assistant voice services): asr, tts, wake and handle from the units.
+    "wyoming.bind": "127.0.0.1",
+    "wyoming.port": 10300,
+    "wyoming.zeroconf": "auto",  # advertise _wyoming._tcp: "auto" (only when bound off loopback), true, false
+    "wyoming.zeroconf_name": "",  # the advertised service name; empty: unitbus-<hostname>
+    "wyoming.keep_alive": "30m",  # idle time before the server's tasks are unloaded; negative: never
+    "wyoming.preload": [],  # models loaded at start and kept
+    "wyoming.handle_model": "",  # the llm answering `transcript` (empty: the first installed llm)
+    "wyoming.handle_prompt": "You are a voice assistant. Answer in one or two short sentences.",
+    "wyoming.handle_max_tokens": 160,
 }
 
 

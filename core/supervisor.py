@@ -50,6 +50,8 @@ def plan(settings: Any) -> list[Child]:
         children.append(Child("bridge", "firmware_bridge"))
     if settings["up.http"] and module_exists("firmware_bridge.http.__main__"):
         children.append(Child("http", "firmware_bridge.http"))
+    if settings["up.wyoming"] and module_exists("firmware_bridge.wyoming.__main__") and module_exists("wyoming"):
+        children.append(Child("wyoming", "firmware_bridge.wyoming"))
     installed = registry.installed()
     for unit in settings["up.units"] or registry.default_units():
         info = installed.get(unit)

@@ -93,7 +93,7 @@ class Stack:
         self.port = free_port()
         self.run_dir = tmp / "run"
         self.units = units
-        self.settings = {"up.http": "false", **(settings or {})}
+        self.settings = {"up.http": "false", "up.wyoming": "false", **(settings or {})}
         self.config = config
         self.env = {**os.environ, "UNITBUS_CONFIG": config or str(tmp / "absent.toml"), **(env or {})}
         self.output: list[str] = []

@@ -1,437 +1,130 @@
-"""The gateways' one bus client: model catalogue, gateway-owned tasks and their lifecycle (http-apis.md §1.2-§1.6).
+"""The HTTP face of the task pool: the pool's UnitErrors as HTTP errors, and per-client admission (§1.5, §1.7).
 
-Every API module goes through `Gateway`: it resolves model names, loads a model the first time a request
-needs it (one `setup` shared by all waiting requests), unloads idle tasks after their keep-alive, and turns
-an inference into an async iterator of unit chunks. No model code runs here.
+Every API module goes through `Gateway`; the model catalogue, task loading and sharing, keep-alive,
+queueing and cancellation are `firmware_bridge.pool.TaskPool`'s.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
-import hashlib
-import logging
-import re
-import time
-from dataclasses import dataclass, field
+import contextlib
 from typing import Any, AsyncIterator
 
 from core.client import BusClient
-from core.envelope import Request
 from core.errors import ErrorCode, UnitError
-from core.manifest import ManifestStore
-from core.paths import resolve_pkg_url
 from core.settings import Settings
 from firmware_bridge.http.errors import GatewayError
+from firmware_bridge.pool import ModelInUse, ModelNotFound, Served, TaskPool, parse_duration
 
-log = logging.getLogger(__name__)
-
-CATALOGUE_TTL_S = 2.0
-
-# What a gateway task of each unit kind is set up with (the bus work_id and the setup data).
-TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {
-    "llm": ("llm", {"response_format": "llm.utf-8.stream", "input": "llm.utf-8", "enoutput": True}),
-    "asr": ("whisper", {"response_format": "asr.utf-8", "input": "whisper.base64", "enoutput": True}),
-    "tts": ("tts", {"response_format": "tts.pcm.base64", "input": "tts.utf-8", "enoutput": True}),
-}
+__all__ = ["Gateway", "Served", "http_error", "parse_duration"]
 
 
-def parse_duration(value: Any) -> float | None:
-    """Ollama keep_alive: "5m", "1h30m", "10s", "300ms", a number of seconds; negative = forever (None)."""
-    if value is None or value == "":
-        raise ValueError("empty duration")
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = re.findall(r"(-?\d+(?:\.\d+)?)(ms|h|m|s)", text)
-            if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-                raise ValueError(f"invalid duration {value!r}") from None
-            scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-            seconds = sum(float(n) * scale[u] for n, u in parts)
-    return None if seconds < 0 else seconds
+def http_error(exc: UnitError) -> GatewayError:
+    """A pool failure as the HTTP error its StackFlow code maps to (§1.7)."""
+    param = getattr(exc, "param", None)
+    if isinstance(exc, ModelNotFound):
+        return GatewayError(404, exc.message, code="model_not_found", param=param)
+    if isinstance(exc, ModelInUse):
+        return GatewayError(409, exc.message)
+    if exc.code in (ErrorCode.ACTION_DISABLED, ErrorCode.UNAUTHORIZED):
+        return GatewayError(403, exc.message)
+    return GatewayError.from_unit(int(exc.code), exc.message, retry_after=getattr(exc, "retry_after", None),
+                                  param=param)
 
 
-@dataclass
-class Served:
-    """A gateway-owned task serving one model."""
-
-    mode: str
-    unit: str
-    work_id: str = ""
-    state: str = "loading"  # loading, loaded, unloading
-    error: str = ""
-    keep_alive: float | None = 300.0
-    preload: bool = False
-    inflight: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    loaded_at: float = 0.0
-    load_ms: float = 0.0
-    setup: dict[str, Any] = field(default_factory=dict)
-    durations: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
-    ready: asyncio.Future | None = None
-
-    def expires_at(self) -> float | None:
-        """Wall-clock time of the keep-alive unload, None for never."""
-        if self.keep_alive is None or self.preload:
-            return None
-        return time.time() + (self.last_used + self.keep_alive - time.monotonic())
+@contextlib.contextmanager
+def http_errors():
+    try:
+        yield
+    except UnitError as exc:
+        raise http_error(exc) from None
 
 
 class Gateway:
     def __init__(self, settings: Settings, client: BusClient | None = None):
         self.settings = settings
-        self.client = client or BusClient(settings.bus_endpoint(), name="http",
-                                          heartbeat_s=float(settings["bus.heartbeat_s"]),
-                                          liveness_s=float(settings["bus.liveness_s"]))
-        self.store = ManifestStore(settings.as_dict())
-        self.served: dict[tuple[str, str], Served] = {}
-        self.running: dict[str, Served] = {}  # request_id -> task, for /v1/cancel
-        self.preload_errors: dict[str, str] = {}
+        self.pool = TaskPool(settings, client, name="http", keep_alive=settings["http.keep_alive"],
+                             max_queue=int(settings["http.max_queue"]), preload=settings["http.preload"],
+                             abort_load_on_disconnect=bool(settings["http.abort_load_on_disconnect"]))
         self.inflight_keys: collections.Counter = collections.Counter()
-        self.default_keep_alive = parse_duration(settings["http.keep_alive"])
-        self._catalogue: list[dict] = []
-        self._catalogue_at = 0.0
-        self._bg: set[asyncio.Task] = set()
-        self._reaper: asyncio.Task | None = None
         self.dbc_state = "disabled"
+
+    @property
+    def served(self) -> dict[tuple[str, str], Served]:
+        return self.pool.served
+
+    @property
+    def preload_errors(self) -> dict[str, str]:
+        return self.pool.preload_errors
 
     # lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> "Gateway":
-        await self.client.start()
-        self._reaper = asyncio.create_task(self._reap_loop())
-        for name in self.settings["http.preload"]:
-            self.spawn(self._preload(name))
+        await self.pool.start()
         return self
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-        for task in list(self._bg):
-            task.cancel()
-        # The tasks were set up with exit_on_disconnect, so this is only the orderly path: keep it short.
-        exits = [self.client.call(s.work_id, "exit", timeout=2.0) for s in self.served.values()
-                 if s.work_id and s.state == "loaded"]
-        await asyncio.gather(*exits, return_exceptions=True)
-        await self.client.close()
+        await self.pool.close()
 
-    def spawn(self, coro) -> asyncio.Task:
-        """A background task kept referenced until done (cleanup that must survive a cancelled request)."""
-        task = asyncio.create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-        return task
-
-    async def _preload(self, name: str) -> None:
-        # At boot the units may not have registered with sys yet: retry while they are missing.
-        deadline = time.monotonic() + float(self.settings["timeouts.setup_s"])
-        while True:
-            try:
-                manifest = await self.find(name, ("llm", "asr", "tts"))
-                await self.acquire(manifest, preload=True)
-                return
-            except GatewayError as exc:
-                if exc.unit_code in (ErrorCode.UNIT_NOT_EXIST, ErrorCode.UNIT_CALL) and time.monotonic() < deadline \
-                        or exc.status == 503 and exc.unit_code is None and time.monotonic() < deadline:
-                    await asyncio.sleep(1.0)
-                    continue
-                self.preload_errors[name] = exc.message
-                log.error("preload of %s failed: %s", name, exc.message)
-                return
-
-    async def _reap_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for served in list(self.served.values()):
-                if (served.state == "loaded" and not served.inflight and not served.preload
-                        and served.keep_alive is not None and now - served.last_used >= served.keep_alive):
-                    log.info("unloading %s (%s) after %.0f s idle", served.mode, served.work_id, now - served.last_used)
-                    try:
-                        await self.unload(served.mode, served.unit)
-                    except Exception:  # the reaper must outlive one failed unload
-                        log.exception("unloading %s failed", served.mode)
+    def spawn(self, coro):
+        return self.pool.spawn(coro)
 
     # catalogue ----------------------------------------------------------------------------------
-    async def catalogue(self) -> list[dict]:
-        if time.monotonic() - self._catalogue_at > CATALOGUE_TTL_S:
-            try:
-                response = await self.client.call("sys", "lsmode", timeout=float(self.settings["timeouts.control_s"]))
-            except (UnitError, asyncio.TimeoutError) as exc:
-                raise GatewayError(503, f"sys is not answering: {exc}", retry_after=2) from None
-            self._catalogue = [m for m in response.data if isinstance(m, dict) and "mode" in m]
-            self._catalogue_at = time.monotonic()
-        return self._catalogue
-
     async def models(self, types: tuple[str, ...] = ("llm",)) -> list[dict]:
-        return [m for m in await self.catalogue() if m.get("type") in types]
+        with http_errors():
+            return await self.pool.models(types)
 
     async def find(self, name: Any, types: tuple[str, ...] = ("llm",)) -> dict:
-        """The manifest for a model name or alias (case-insensitive, `_` = `-`); 404 before anything loads."""
-        if not isinstance(name, str) or not name:
-            raise GatewayError(400, "model is required", param="model")
-        candidates = await self.models(types)
-        norm = name.lower().replace("_", "-")
-        for test in (lambda a: a == name, lambda a: a.lower().replace("_", "-") == norm):
-            for manifest in candidates:
-                if test(manifest["mode"]):
-                    return manifest
-            for manifest in candidates:
-                if any(test(alias) for alias in manifest.get("aliases", [])):
-                    return manifest
-        raise GatewayError(404, f"The model '{name}' does not exist", code="model_not_found", param="model")
+        """The manifest for a model name or alias; 404 before anything loads."""
+        with http_errors():
+            return await self.pool.find(name, types)
 
     def meta(self, manifest: dict) -> dict[str, Any]:
-        """Facts from the manifest file itself: mtime, SHA-256, bytes of the model files."""
-        found = self.store.find_exact(manifest["mode"])
-        path = found.path if found is not None else None
-        try:
-            raw = path.read_bytes() if path else b""
-            mtime = path.stat().st_mtime if path else 0.0
-        except OSError:
-            raw, mtime = b"", 0.0
-        size = 0
-        for value in manifest.get("mode_param", {}).values():
-            if isinstance(value, str) and value.startswith("pkg://"):
-                try:
-                    target = resolve_pkg_url(value)
-                    size += sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if target.is_dir() \
-                        else target.stat().st_size
-                except (OSError, LookupError, ValueError):
-                    continue
-        return {"mtime": mtime, "digest": hashlib.sha256(raw).hexdigest(), "size": size,
-                "path": str(path) if path else ""}
+        return self.pool.meta(manifest)
 
     async def tasks(self) -> list[dict]:
-        """Every task on the bus (sys.lstask), including UART/TCP-owned ones."""
-        try:
-            response = await self.client.call("sys", "lstask", timeout=float(self.settings["timeouts.control_s"]))
-        except (UnitError, asyncio.TimeoutError):
-            return []
-        return [t for t in response.data if isinstance(t, dict)] if isinstance(response.data, list) else []
+        return await self.pool.tasks()
 
     def state(self, mode: str, unit: str = "llm") -> str:
-        served = self.served.get((unit, mode))
-        return served.state if served is not None else "available"
+        return self.pool.state(mode, unit)
 
     async def ping(self) -> bool:
-        try:
-            await self.client.call("sys", "ping", timeout=2.0)
-            return True
-        except (UnitError, asyncio.TimeoutError):
-            return False
+        return await self.pool.ping()
 
     # tasks --------------------------------------------------------------------------------------
     async def acquire(self, manifest: dict, *, keep_alive: Any = "default", preload: bool = False,
                       setup: dict[str, Any] | None = None) -> Served:
-        """The loaded gateway task of a model, loading it if needed. A load outlives the request that
-        started it (the client may retry), unless http.abort_load_on_disconnect."""
-        unit = manifest["type"]
-        key = (unit, manifest["mode"])
-        while True:  # an unload in flight finishes first; then look again (another request may have loaded)
-            served = self.served.get(key)
-            if served is not None and served.state == "unloading" and served.ready is not None:
-                await asyncio.shield(served.ready)
-                continue
-            if served is not None and setup is not None and served.setup != setup and served.state == "loaded" \
-                    and not served.inflight:
-                await self.unload(manifest["mode"], unit)  # started with other settings: reload
-                continue
-            break
-        if served is None:
-            served = Served(manifest["mode"], unit, keep_alive=self.default_keep_alive, preload=preload,
-                            setup=dict(setup or {}))
-            served.ready = asyncio.get_running_loop().create_future()
-            self.served[key] = served
-            load = self.spawn(self._load(served, manifest))
-        else:
-            load = None
-            served.preload = served.preload or preload
-        if keep_alive != "default":
-            served.keep_alive = keep_alive
-        served.last_used = time.monotonic()
-        assert served.ready is not None
-        try:
-            await asyncio.shield(served.ready)
-        except asyncio.CancelledError:
-            if load is not None and self.settings["http.abort_load_on_disconnect"]:
-                load.cancel()
-            raise
-        return served
-
-    async def _load(self, served: Served, manifest: dict) -> None:
-        assert served.ready is not None
-        bus_name, base = TASK_SETUP[served.unit]
-        data = {**base, "model": manifest["mode"], "exit_on_disconnect": True, **served.setup}
-        if served.unit == "llm":
-            data["max_queue"] = int(self.settings["http.max_queue"])
-        started = time.monotonic()
-        try:
-            await self._make_room(served, manifest)
-            response = await self._setup(bus_name, data, served)
-            served.work_id = response.work_id
-            served.state = "loaded"
-            served.loaded_at = time.time()
-            served.load_ms = (time.monotonic() - started) * 1000
-            served.last_used = time.monotonic()
-            log.info("loaded %s as %s in %.0f ms", served.mode, served.work_id, served.load_ms)
-            served.ready.set_result(served)
-        except BaseException as exc:
-            self.served.pop((served.unit, served.mode), None)
-            if isinstance(exc, GatewayError):
-                error = exc
-            elif isinstance(exc, asyncio.CancelledError):
-                error = GatewayError(503, "model load cancelled", retry_after=1)
-            else:
-                log.exception("loading %s failed", served.mode)
-                error = GatewayError(500, f"Model loading failed: {exc}", code="model_error")
-            served.error = error.message
-            served.ready.set_exception(error)
-            served.ready.exception()  # retrieved here: nobody may be waiting any more
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
-    async def _setup(self, bus_name: str, data: dict, served: Served):
-        timeout = float(self.settings["timeouts.setup_s"]) + 5.0
-        for attempt in (0, 1):
-            request = Request(f"http-setup-{served.mode}", bus_name, "setup", f"{bus_name}.setup", data)
-            try:
-                response = await self.client.request(request, timeout=timeout)
-            except asyncio.TimeoutError:
-                raise GatewayError.from_unit(-33, f"timeout: loading {served.mode} exceeded {timeout:.0f} s") from None
-            if response is None:
-                raise GatewayError.from_unit(-9, "setup ended without a reply")
-            if response.code == 0:
-                return response
-            # Task limit: free an idle gateway task of the same unit and try once more.
-            if response.code == ErrorCode.TASK_FULL and attempt == 0 and await self._evict_idle(served.unit, served):
-                continue
-            raise GatewayError.from_unit(response.code, response.message, retry_after=5)
-        raise AssertionError("unreachable")
-
-    async def _make_room(self, served: Served, manifest: dict) -> None:
-        """Unload idle gateway tasks (least recently used first) while the model does not fit in memory."""
-        need_kib = self.meta(manifest)["size"] // 1024
-        while True:
-            try:
-                info = (await self.client.call("sys", "cmminfo", timeout=5.0)).data
-                remain = int(info.get("remain", 0))
-            except (UnitError, asyncio.TimeoutError, AttributeError, TypeError, ValueError):
-                return  # no memory figures: let the unit decide (-8)
-            if remain >= need_kib:
-                return
-            if not await self._evict_idle(None, served):
-                raise GatewayError.from_unit(-8, f"Unit Resource Allocation Failed: {manifest['mode']} needs "
-                                                 f"{need_kib} KiB, {remain} KiB available", retry_after=30)
-
-    async def _evict_idle(self, unit: str | None, keep: Served) -> bool:
-        idle = [s for s in self.served.values() if s is not keep and s.state == "loaded" and not s.inflight
-                and not s.preload and (unit is None or s.unit == unit)]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda s: s.last_used)
-        log.info("unloading idle %s to make room for %s", victim.mode, keep.mode)
-        await self.unload(victim.mode, victim.unit)
-        return True
+        with http_errors():
+            return await self.pool.acquire(manifest, keep_alive=keep_alive, preload=preload, setup=setup)
 
     async def unload(self, mode: str, unit: str = "llm") -> bool:
-        served = self.served.get((unit, mode))
-        if served is None:
-            return False
-        if served.state == "loading" and served.ready is not None:
-            try:
-                await asyncio.shield(served.ready)
-            except GatewayError:
-                return False
-        served.state = "unloading"
-        served.ready = asyncio.get_running_loop().create_future()
-        try:
-            await self.client.call(served.work_id, "exit", timeout=float(self.settings["timeouts.control_s"]))
-        except (UnitError, asyncio.TimeoutError) as exc:
-            log.warning("exit of %s: %s", served.work_id, exc)
-        finally:
-            if self.served.get((unit, mode)) is served:
-                self.served.pop((unit, mode))
-            served.ready.set_result(None)
-        return True
+        return await self.pool.unload(mode, unit)
 
     async def delete_model(self, manifest: dict, in_use: str = "model in use by {}") -> None:
-        """Remove an installed model with sys.rmmode; refused (409) while a task uses it."""
-        names = {manifest["mode"], *manifest.get("aliases", [])}
-        users = [t["work_id"] for t in await self.tasks() if t.get("model") in names]
-        if users:
-            raise GatewayError(409, in_use.format(users[0]))
-        response = await self.client.request(Request("http-rmmode", "sys", "rmmode", "None", manifest["mode"]))
-        if response is None or response.code != 0:
-            code = response.code if response is not None else -9
-            if code in (-30, -31):
-                raise GatewayError(403, f"sys.rmmode is disabled: {response.message}")
-            raise GatewayError.from_unit(code, response.message if response else "no reply")
-
-    def retry_after(self, served: Served) -> float:
-        """(queue length + 1) x recent mean request time, clamped to 1..60 s (§1.5)."""
-        mean = sum(served.durations) / len(served.durations) if served.durations else 2.0
-        return max(1.0, min(60.0, (served.inflight + 1) * mean))
+        """Remove an installed model with sys.rmmode; 409 while a task uses it, 403 when rmmode is off."""
+        try:
+            await self.pool.delete_model(manifest)
+        except ModelInUse as exc:
+            raise GatewayError(409, in_use.format(exc.work_id)) from None
+        except UnitError as exc:
+            raise http_error(exc) from None
 
     # requests -----------------------------------------------------------------------------------
     async def stream(self, served: Served, data: Any, request_id: str,
                      object: str = "llm.chat_completion") -> AsyncIterator[Any]:
-        """The unit's outputs for one inference. Raises GatewayError for an error envelope. Closing the
-        iterator before the end cancels the request on the unit (pause with its request_id)."""
-        request = Request(request_id, served.work_id, "inference", object, data)
-        served.inflight += 1
-        self.running[request_id] = served
-        started = time.monotonic()
-        finished = False
+        """The pool's stream with HTTP errors; closing it early cancels the request on the unit."""
+        source = self.pool.stream(served, data, request_id, object)
         try:
-            async for response in self.client.stream(request, timeout=None):
-                if response.code != 0:
-                    finished = True
-                    if response.code in (ErrorCode.INFERENCE_PUSH, ErrorCode.UNIT_NOT_EXIST):
-                        # The task is gone (unit restarted): forget it so the next request reloads.
-                        self.served.pop((served.unit, served.mode), None)
-                        raise GatewayError.from_unit(-9, f"{served.work_id} is gone; retry", retry_after=1)
-                    raise GatewayError.from_unit(response.code, response.message,
-                                                 retry_after=self.retry_after(served))
-                if isinstance(response.data, dict) and response.data.get("finish"):
-                    finished = True  # before the yield: the consumer may stop iterating at this chunk
-                yield response.data
-            finished = True
+            with http_errors():
+                async for item in source:
+                    yield item
         finally:
-            served.inflight -= 1
-            served.last_used = time.monotonic()
-            self.running.pop(request_id, None)
-            if finished:
-                served.durations.append(time.monotonic() - started)
-            else:
-                log.info("%s: client gone, cancelling (499)", request_id)
-                self.spawn(self._pause(served, request_id))
-            if served.keep_alive == 0 and not served.inflight and not served.preload:
-                self.spawn(self.unload(served.mode, served.unit))
+            await source.aclose()
 
-    async def call(self, served: Served, object: str, data: Any, request_id: str) -> Any:
-        """A request answered by messages without a stream (score, embed, asr, tts): all their data."""
-        out = []
-        async for item in self.stream(served, data, request_id, object):
-            out.append(item)
-        return out
-
-    async def _pause(self, served: Served, request_id: str) -> None:
-        try:
-            await self.client.call(served.work_id, "pause", request_id, timeout=5.0)  # cancels this request only
-        except (UnitError, asyncio.TimeoutError) as exc:
-            log.warning("pause %s on %s: %s", request_id, served.work_id, exc)
+    async def call(self, served: Served, object: str, data: Any, request_id: str) -> list:
+        with http_errors():
+            return await self.pool.call(served, object, data, request_id)
 
     async def cancel(self, request_id: str) -> bool:
-        served = self.running.get(request_id)
-        if served is None:
-            return False
-        await self._pause(served, request_id)
-        return True
+        return await self.pool.cancel(request_id)
 
     # per-client limits ---------------------------------------------------------------------------
     def admit(self, api_key: str | None, ip: str | None) -> list[str]:

@@ -80,3 +80,9 @@ def test_no_hand_built_envelopes_outside_the_codec():
                 continue
             text = path.read_text()
             assert '"request_id":' not in text and "'request_id':" not in text, path
+
+
+def test_task_pool_knows_no_face():
+    names = imports_of(ROOT / "firmware_bridge" / "pool.py")
+    assert not {n for n in names if n.startswith("firmware_bridge.") or n.split(".")[0] in
+                ("fastapi", "starlette", "uvicorn", "wyoming")}, names

@@ -1,0 +1,42 @@
+"""`python -m firmware_bridge.wyoming`: the Wyoming server, a bus client of sys like the HTTP gateways."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from core import logs, notify
+from core.settings import Settings
+from firmware_bridge.wyoming.server import WyomingServer
+
+log = logging.getLogger(__name__)
+
+
+async def main_async(settings: Settings) -> None:
+    server = await WyomingServer(settings).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(notify.watchdog_loop())
+    log.info("wyoming listening on tcp://%s:%d", server.bind, server.port)
+    notify.ready("wyoming listening")
+    await stop.wait()
+    notify.notify("STOPPING=1")
+    watchdog.cancel()
+    await server.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unitbus-wyoming", description="Wyoming server for Home Assistant")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    settings = Settings.load(args.config, args.set)
+    logs.configure(settings["log.level"], "wyoming")
+    asyncio.run(main_async(settings))
+
+
+if __name__ == "__main__":
+    main()
