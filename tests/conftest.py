@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
+
 import pytest
 
 from support import Stack
@@ -23,3 +27,19 @@ def stack_factory(tmp_path):
 @pytest.fixture
 def skel_stack(stack_factory):
     return stack_factory(["skel"], {"skel.max_tasks": "4"})
+
+
+@pytest.fixture
+def pty_pair(tmp_path):
+    """Two linked ptys from socat: the board end for the bridge, the MCU end for the test."""
+    if shutil.which("socat") is None:
+        pytest.fail("socat is required (apt-get install socat)")
+    board, mcu = tmp_path / "ttyBOARD", tmp_path / "ttyMCU"
+    proc = subprocess.Popen(["socat", f"pty,raw,echo=0,link={board}", f"pty,raw,echo=0,link={mcu}"])
+    for _ in range(100):
+        if board.exists() and mcu.exists():
+            break
+        time.sleep(0.05)
+    yield board, mcu
+    proc.terminate()
+    proc.wait(5)

@@ -200,7 +200,8 @@ def test_task_full_and_queue_full(stack_factory):
     with StackFlowClient(stack.port) as c:
         work_id = setup_skel(c, delay_ms=50, max_queue=2)
         full = c.request({"request_id": "f", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
-        assert full["error"] == {"code": -21, "message": "task full"}
+        assert full["error"]["code"] == -21 and full["error"]["message"].startswith("task full")
+        assert work_id in full["error"]["message"]  # the -21 names the task that holds the slot
         for n in range(4):
             c.send({"request_id": f"q{n}", "work_id": work_id, "action": "inference", "object": "skel.utf-8",
                     "data": "a b c d e f"})

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 import time
 
@@ -11,21 +9,6 @@ import pytest
 import serial
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def pty_pair(tmp_path):
-    if shutil.which("socat") is None:
-        pytest.fail("socat is required (apt-get install socat)")
-    board, mcu = tmp_path / "ttyBOARD", tmp_path / "ttyMCU"
-    proc = subprocess.Popen(["socat", f"pty,raw,echo=0,link={board}", f"pty,raw,echo=0,link={mcu}"])
-    for _ in range(100):
-        if board.exists() and mcu.exists():
-            break
-        time.sleep(0.05)
-    yield board, mcu
-    proc.terminate()
-    proc.wait(5)
 
 
 def read_messages(port: serial.Serial, count: int, timeout: float = 15.0) -> list[dict]:

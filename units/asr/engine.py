@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.shared import Share, load_alone
 
 from .mel import HOP, SAMPLE_RATE, log_mel, pcm_to_float
 
@@ -59,10 +60,6 @@ class _Model:
     silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window
 
 
-_models: dict[tuple[str, int, int, bool], _Model] = {}
-_models_lock = threading.Lock()
-
-
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
     from tokenizers import Tokenizer
 
@@ -92,14 +89,10 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
     )
 
 
-def _shared_model(cache: Path, threads: int = 0, decoder_threads: int = 1, spin: bool = False) -> _Model:
-    key = (str(cache.resolve()), threads, decoder_threads, spin)
-    with _models_lock:  # held while loading so two tasks never load the same model twice
-        model = _models.get(key)
-        if model is None:
-            log.info("loading whisper graphs from %s", cache)
-            model = _models[key] = _load_model(cache, threads, decoder_threads, spin)
-        return model
+def load_model(cache: Path, threads: int = 0, decoder_threads: int = 1, spin: bool = False,
+               share: Share = load_alone) -> _Model:
+    key = ("whisper", str(cache.resolve()), threads, decoder_threads, spin)
+    return share(key, lambda: _load_model(cache, threads, decoder_threads, spin))
 
 
 def _ensure_converted(params: dict[str, Any]) -> Path:
@@ -199,13 +192,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (top + math.log(float(np.exp(finite - top).sum())))
 
 
-def load_asr(params: dict[str, Any]) -> AsrEngine:
+def load_asr(params: dict[str, Any], share: Share = load_alone) -> AsrEngine:
     """An engine for the flat, merged mode_param dict (missing keys take DEFAULTS).
 
-    Converts the model on first use, then loads it once per process: engines with the same model and
-    thread count share one pair of sessions.
+    Converts the model on first use; `share` decides whether engines with the same model and thread count
+    share one pair of sessions (the unit passes its shared_model) or each loads its own.
     """
     merged = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     cache = _ensure_converted(merged)
-    model = _shared_model(cache, int(merged["threads"]), int(merged["decoder_threads"]), bool(merged["allow_spinning"]))
+    model = load_model(cache, int(merged["threads"]), int(merged["decoder_threads"]), bool(merged["allow_spinning"]), share)
     return AsrEngine(model, merged)

@@ -73,7 +73,7 @@ class AsrUnit(Unit):
         if progress:
             progress(0)
         try:
-            engine: AsrEngine = load_asr(params)
+            engine: AsrEngine = load_asr(params, self.shared_model)
         except (OSError, ValueError, KeyError) as exc:
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
         if progress:

@@ -28,6 +28,7 @@ import numpy as np
 
 from core import audio
 from core.paths import resolve_pkg_url
+from core.shared import Share, load_alone
 from units.tts.text import Clause, split_clauses
 
 log = logging.getLogger(__name__)
@@ -435,8 +436,10 @@ def _sentences(text: str) -> list[str]:
     return [" ".join(c.text + c.terminator for c in group) for group in _sentences_of(text)]
 
 
-_MODELS: dict[tuple, PiperModel] = {}
-_MODELS_LOCK = threading.Lock()
+def _load_piper(voice: Path, config: Path, threads: int | None, espeak: Espeak, quantize: str, spin: bool) -> PiperModel:
+    model = PiperModel.load(voice, config, threads, espeak, quantize, spin)
+    log.info("loaded Piper voice %s (%d Hz, %s)", voice, model.rate, quantize)
+    return model
 
 
 def _float_param(params: Mapping[str, Any], key: str) -> float | None:
@@ -451,7 +454,7 @@ def _espeak_voice_of(config: Path) -> str | None:
         return None
 
 
-def load_tts(params: Mapping[str, Any]) -> TtsVoice:
+def load_tts(params: Mapping[str, Any], share: Share = load_alone) -> TtsVoice:
     """A voice from the merged setup/mode_param dict.
 
     Keys read (others are ignored): `voice` (ONNX file: pkg://, absolute path; default the Joe
@@ -461,7 +464,8 @@ def load_tts(params: Mapping[str, Any]) -> TtsVoice:
     see models/piper_fast.py; or "int8": int8 decoder built once and cached, see models/piper_int8.py),
     `threads` (onnxruntime intra-op threads), `spin` (let onnxruntime threads spin; default false),
     `mode` (a name for logs).
-    The ONNX session is shared by every task that loads the same file with the same settings. If
+    `share` decides whether tasks loading the same file with the same settings share one ONNX session
+    (the unit passes its shared_model) or each loads its own. If
     the voice cannot be loaded, the espeak-ng voice is returned instead (logged as a warning).
     Raises TtsError if the espeak-ng program is missing, ValueError for a bad `quantize`.
     """
@@ -484,12 +488,7 @@ def load_tts(params: Mapping[str, Any]) -> TtsVoice:
     if voice_path is not None and config_path is not None:
         key = (str(voice_path), str(config_path), threads, quantize, spin, espeak_voice)
         try:
-            with _MODELS_LOCK:
-                model = _MODELS.get(key)
-                if model is None:
-                    model = PiperModel.load(voice_path, config_path, threads, espeak, quantize, spin)
-                    _MODELS[key] = model
-                    log.info("loaded Piper voice %s (%d Hz, %s)", voice_path, model.rate, quantize)
+            model = share(("piper",) + key, lambda: _load_piper(voice_path, config_path, threads, espeak, quantize, spin))
         except Exception as exc:  # noqa: BLE001 - any load failure (missing file, bad JSON, onnxruntime) -> fallback
             log.warning("Piper voice unavailable (%s: %s); using the espeak-ng voice", type(exc).__name__, exc)
             model = None

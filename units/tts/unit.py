@@ -64,7 +64,7 @@ class TtsUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, "awake_delay must not be negative")
         voice_params, note = self._voice_params(task)
         try:
-            voice: TtsVoice = load_tts({**voice_params, "mode": task.manifest.mode})
+            voice: TtsVoice = load_tts({**voice_params, "mode": task.manifest.mode}, self.shared_model)
         except (TtsError, ValueError, OSError) as exc:
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
         if voice_params.get("voice") != task.manifest.params.get("voice") and voice.backend != "piper":

@@ -75,9 +75,9 @@ def test_stale_cache_is_rebuilt(tmp_path, source):
 
 @pytest.mark.slow
 def test_int8_decoder_agrees_with_fp32(tmp_path, source, asr_engine, spoken_commands):
-    from units.asr.engine import DEFAULTS, AsrEngine, _shared_model
+    from units.asr.engine import DEFAULTS, AsrEngine, load_model
 
-    fp32 = AsrEngine(_shared_model(whisper_ct2.convert(source, tmp_path / "fp32", "fp32")), DEFAULTS)
+    fp32 = AsrEngine(load_model(whisper_ct2.convert(source, tmp_path / "fp32", "fp32")), DEFAULTS)
     pcm = [asr_speech.read_wav(p) for _, p in spoken_commands[:6]]
     m = asr_engine._m
     feed = {"mel": asr_engine.features(pcm[0])}
