@@ -83,7 +83,7 @@ def test_barge_in_stops_the_answer(stack_factory, tmp_path, clips):
                           {"audio.capture": "push", "audio.play_dir": str(play_dir)}, timeout=120)
     with StackFlowClient(stack.port, timeout=120) as c:
         kws, asr, llm, tts = chain(c, 400, "You are a storyteller. Always answer with a very long story.")
-        capture(c, clips["chain"])
+        capture(c, clips["story"])  # a question whose answer outlasts the first spoken sentence
         got = outputs_until(c, lambda m: any(x["work_id"] == tts for x in m), 90)
         assert not any(m["work_id"] == llm and m["data"]["finish"] for m in got), "the answer ended too soon"
         # The board is speaking: kws still hears the microphone, and the wake stops llm and tts.
