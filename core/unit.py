@@ -186,7 +186,9 @@ class Unit:
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
         self._ctx = bus.Context()
+        self.identity = bus.peer_identity(self.name)
         self.sock: bus.DealerSocket | None = None
+        self._epoch = 0  # counts registrations with sys: a setup that outlives one is not announced
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task] = set()
@@ -286,6 +288,7 @@ class Unit:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
         self._connect()
+        self._hello()
         receiver = asyncio.create_task(self._receive_loop())
         beat = asyncio.create_task(self._heartbeat_loop())
         watchdog = asyncio.create_task(notify.watchdog_loop())
@@ -306,8 +309,22 @@ class Unit:
     def _connect(self) -> None:
         if self.sock is not None:
             self.sock.close()
-        self.sock = self._ctx.dealer(self.endpoint)
+        self.sock = self._ctx.dealer(self.endpoint, self.identity)
+
+    def _register_again(self, why: str) -> None:
+        """sys restarted or lost us: register again with every task, so a new sys recovers them (spec §5.3).
+
+        The requests in flight died with the old sys and their clients have answered them, so the
+        unit stops their work (an answer still goes out, for a sys that only lost us for a while)."""
+        self._epoch += 1
         self._hello()
+        for task in self.tasks.values():
+            self._announce(task)
+        for task in self.tasks.values():
+            for job in [j for j in task.queue if j.route is not None]:
+                self._cancel_queued(task, job, why)
+            if task.current is not None and task.current.route is not None:
+                task.current.cancel.set()
 
     def _hello(self) -> None:
         actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
@@ -326,9 +343,9 @@ class Unit:
             await asyncio.sleep(self.heartbeat_s)
             self.send(bus.Heartbeat())
             if time.monotonic() - self._last_from_sys > self.liveness_s:
-                log.warning("sys silent for %.1f s: dropping tasks and registering again", self.liveness_s)
-                await self._drop_all_tasks("sys restarted")
+                log.warning("sys silent for %.1f s: connecting and registering again", self.liveness_s)
                 self._connect()
+                self._register_again("sys stopped answering")
 
     async def _receive_loop(self) -> None:
         while True:
@@ -341,7 +358,8 @@ class Unit:
                 log.exception("undecodable bus message dropped")
                 continue
             self._last_from_sys = time.monotonic()
-            self.registered.set()
+            if not isinstance(message, bus.Hello) and not (isinstance(message, bus.Control) and message.op == "refused"):
+                self.registered.set()  # sys answers a hello it accepts with a heartbeat
             try:
                 await self._handle(message)
             except Exception:
@@ -359,9 +377,8 @@ class Unit:
         elif isinstance(message, bus.Control):
             await self._control(message)
         elif isinstance(message, bus.Hello):
-            # sys restarted and forgot us and our tasks.
-            await self._drop_all_tasks("sys restarted")
-            self._hello()
+            log.warning("sys does not know this unit (it restarted): registering again with %d tasks", len(self.tasks))
+            self._register_again("sys restarted")
 
     async def _control(self, message: bus.Control) -> None:
         if message.op == "reset":
@@ -372,6 +389,10 @@ class Unit:
                 log.info("sys.reset: restarting")
                 self.exit_code = RESTART_EXIT
                 self._stop.set()
+        elif message.op == "refused":
+            log.error("sys refused this unit: %s", message.data)
+        elif message.op == "live":
+            await self._drop_stale_owners(message.data)
         else:
             self.on_control(message)
 
@@ -460,6 +481,7 @@ class Unit:
 
     # setup -------------------------------------------------------------------------------------
     async def _setup(self, request: Request, message: bus.Req, route: list) -> None:
+        epoch = self._epoch
         assigned = message.assigned or ""
         name = assigned.split(".")[0] or request.unit
         data = request.data
@@ -501,6 +523,8 @@ class Unit:
                 response=Response(request.request_id, name, f"{name}.setup.progress",
                                   {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
+        if epoch != self._epoch:  # sys restarted during the load: the client was told its setup failed
+            raise UnitError(ErrorCode.UNIT_CALL, "sys restarted during the setup; set up again")
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
             raise self._task_full()
         self.tasks[task.work_id] = task
@@ -721,12 +745,27 @@ class Unit:
         self.streams.drop_target(task.work_id)
         self.send(bus.TaskEvent(op="down", work_id=task.work_id))
 
+    async def _drop_stale_owners(self, live: list) -> None:
+        """A restarted sys lists the clients (and their connections) that came back; other owners are gone."""
+        conns = {bytes(client): {0, *open_conns} for client, open_conns in live}  # conn 0: the client itself
+        for task in list(self.tasks.values()):
+            if task.owner is None or task.closed:
+                continue
+            client, conn = bytes(task.owner[0]), task.owner[1]
+            if client not in conns:
+                await self._gone(bus.Gone(client=client, conn=None, release=True))
+            elif conn not in conns[client]:
+                await self._gone(bus.Gone(client=client, conn=conn))
+
     async def _drop_all_tasks(self, why: str) -> None:
         for task in list(self.tasks.values()):
             await self._exit_task(task, why)
 
     async def _gone(self, message: bus.Gone) -> None:
-        """A client connection went away: stop its work, release ownership, exit tasks that asked for it."""
+        """A client connection went away: stop its work, release ownership, exit tasks that asked for it.
+
+        When a client process vanished without saying goodbye (`release`), its tasks go too: they
+        would hold task slots until a setup reclaimed them (spec §5.3)."""
         def matches(key: tuple | list | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
@@ -736,7 +775,7 @@ class Unit:
             owned = matches(task.owner)
             if owned:
                 task.owner = None
-                if task.exit_on_disconnect:
+                if task.exit_on_disconnect or message.release:
                     await self._exit_task(task, "owner disconnected")
                     continue
             if cancel:
