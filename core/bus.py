@@ -22,6 +22,8 @@ HEARTBEAT_S = 1.0
 LIVENESS_S = 5.0
 # How long a peer that vanished (ipc disconnect) may take to answer a liveness probe.
 PROBE_GRACE_S = 0.3
+# How long a closing process may wait for its goodbye (Gone) to reach sys.
+GOODBYE_LINGER_S = 0.5
 
 Route = list  # [client identity (bytes), tag (int), conn (int)]
 Owner = list  # [client identity (bytes), conn (int)]

@@ -37,13 +37,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings, overrides = _settings(args)
     logs.configure(settings["log.level"], "up")
+    settings.bus_key()  # an untrusted run dir stops everything here, with its reason, before any child starts
     children = plan(settings)
 
     async def announce_ready() -> None:
         from core.client import BusClient
 
         units = [c.name for c in children if c.name in registry.installed()]
-        async with BusClient(settings.bus_endpoint(), name="up") as client:
+        async with BusClient.for_settings(settings, "up") as client:
             for _ in range(int(float(settings["timeouts.setup_s"]) * 10)):
                 try:
                     response = await client.call("sys", "version2", timeout=1.0)
@@ -104,7 +105,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         code = 0
-        async with BusClient(settings.bus_endpoint(), name="cli") as client:
+        async with BusClient.for_settings(settings, "cli") as client:
             try:
                 async for response in client.stream(request, conn=client.open_conn(), timeout=args.timeout):
                     if args.pretty:

@@ -15,18 +15,19 @@ from typing import AsyncIterator, Callable
 from core import bus
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode, UnitError
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Response, bool], None]  # (response, final)
 ControlHandler = Callable[[bus.Control], None]
-GOODBYE_LINGER_S = 0.5  # how long closing may wait for the goodbye to reach sys
 
 
 class BusClient:
     def __init__(self, endpoint: str, name: str = "client", features: tuple[str, ...] = (),
-                 heartbeat_s: float = bus.HEARTBEAT_S, liveness_s: float = bus.LIVENESS_S):
+                 heartbeat_s: float = bus.HEARTBEAT_S, liveness_s: float = bus.LIVENESS_S, key: str = ""):
         self.endpoint = endpoint
+        self.key = key
         self.name = name
         self.features = list(features)
         self.heartbeat_s = heartbeat_s
@@ -44,6 +45,12 @@ class BusClient:
         self._tasks: list[asyncio.Task] = []
         self._last_seen = time.monotonic()
 
+    @classmethod
+    def for_settings(cls, settings: Settings, name: str, features: tuple[str, ...] = ()) -> "BusClient":
+        """A client of the stack these settings describe: its endpoint, registration key and heartbeats."""
+        return cls(settings.bus_endpoint(), name=name, features=features, key=settings.bus_key(),
+                   heartbeat_s=float(settings["bus.heartbeat_s"]), liveness_s=float(settings["bus.liveness_s"]))
+
     async def start(self) -> "BusClient":
         self._connect()
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
@@ -59,7 +66,7 @@ class BusClient:
     def _hello(self) -> None:
         assert self._sock is not None
         self._sock.send(bus.Hello(role="client", name=self.name, features=self.features,
-                                  conns=sorted(self._conns_open)))
+                                  conns=sorted(self._conns_open), key=self.key))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -68,7 +75,7 @@ class BusClient:
         if self._sock is not None:
             # Goodbye: sys then keeps this process's tasks (unowned) instead of releasing them as a crash's.
             self._sock.send(bus.Gone(conn=None))
-            self._sock.close(linger_s=GOODBYE_LINGER_S)
+            self._sock.close(linger_s=bus.GOODBYE_LINGER_S)
             self._sock = None
         self._ctx.term()
 

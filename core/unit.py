@@ -28,7 +28,7 @@ from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
-from core.settings import Settings
+from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
 
@@ -177,6 +177,7 @@ class Unit:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoint = settings.bus_endpoint()
+        self.key = settings.bus_key()
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
         self.liveness_s = float(settings["bus.liveness_s"])
         self.max_tasks = int(settings.get(f"{self.name}.max_tasks", 1))
@@ -276,7 +277,7 @@ class Unit:
         parser.add_argument("--config", help="path of unitbus.toml")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         args = parser.parse_args(argv)
-        settings = Settings.load(args.config, args.set)
+        settings = load_for_process(f"unitbus-{cls.name}", args.config, args.set)
         logs.configure(settings["log.level"], cls.name)
         unit = cls(settings)
         asyncio.run(unit.serve())
@@ -303,7 +304,8 @@ class Unit:
             t.cancel()
         await asyncio.gather(receiver, beat, watchdog, stopper, return_exceptions=True)
         if self.sock is not None:
-            self.sock.close()
+            self.sock.send(bus.Gone())  # goodbye: sys lets the process that replaces this one register
+            self.sock.close(linger_s=bus.GOODBYE_LINGER_S)
         self._ctx.term()
 
     def _connect(self) -> None:
@@ -329,7 +331,7 @@ class Unit:
     def _hello(self) -> None:
         actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
         self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
-                            actions=actions, version=self.version, features=list(self.features)))
+                            actions=actions, version=self.version, features=list(self.features), key=self.key))
         self._last_from_sys = time.monotonic()
 
     def _spawn(self, coro) -> asyncio.Task:

@@ -6,12 +6,13 @@ core.bus, and one dispatch step that pairs a request with a live unit or answers
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import bus
+from core import bus, rundir
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode
 from core.ids import WorkId
@@ -77,6 +78,8 @@ class Broker:
 
         self.settings = settings
         self.endpoint = settings.bus_endpoint()
+        self.key = settings.bus_key()
+        self.key_file = settings.run_dir() / rundir.KEY_FILE
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
         self.liveness_s = float(settings["bus.liveness_s"])
         self.units: dict[str, UnitRecord] = {}  # served name -> record
@@ -95,6 +98,7 @@ class Broker:
         self._pcm_subscribers = 0
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
+        self._refused: dict[bytes, float] = {}  # peers whose hello had a wrong key (logged once each)
         self._live_told = False  # whether units were told which clients came back (after a restart)
         self.ready = asyncio.Event()
 
@@ -187,6 +191,8 @@ class Broker:
             self._unit_message(unit, message)
         elif isinstance(message, bus.TaskEvent) and unit is not None:
             self._task_event(unit, message)
+        elif isinstance(message, bus.Gone) and unit is not None:
+            self._unit_dead(unit, f"unit {unit.name} stopped")  # its goodbye: a successor may register at once
         elif isinstance(message, bus.Gone) and message.conn is None:
             self._client_gone(identity, release=False)  # a goodbye: its tasks stay
         elif isinstance(message, bus.Gone):
@@ -216,6 +222,15 @@ class Broker:
 
     def _hello(self, identity: bytes, hello: bus.Hello) -> None:
         self._hello_sent.pop(identity, None)
+        if not isinstance(hello.key, str) or not hmac.compare_digest(hello.key.encode("utf-8", "surrogatepass"), self.key.encode()):
+            # Not a process of this stack (it cannot read the run dir's key): never registered.
+            if identity not in self._refused:
+                log.warning("hello from %r (%s %s, pid %s) refused: wrong registration key", identity,
+                            hello.role, hello.name, hello.pid)
+            self._refused[identity] = time.monotonic()
+            self.send_to_peer(identity, bus.Control("refused", f"wrong registration key (the key is in "
+                                                               f"{self.key_file}, readable by sys's user only)"))
+            return
         if hello.role == "unit":
             self._unit_hello(identity, hello)
         else:
@@ -462,8 +477,9 @@ class Broker:
                 self._live_told = True
                 for record in set(self.workers.values()):
                     self.send_to_unit(record, self._live_clients())
-            for identity in [i for i, t in self._hello_sent.items() if now - t > self.liveness_s]:
-                del self._hello_sent[identity]
+            for seen in (self._hello_sent, self._refused):
+                for identity in [i for i, t in seen.items() if now - t > self.liveness_s]:
+                    del seen[identity]
 
     def probe_peers(self) -> None:
         """A heartbeat to every peer; a send to a vanished peer fails at once (ROUTER_MANDATORY)."""

@@ -136,3 +136,31 @@ def test_an_owner_that_leaves_while_sys_is_down_is_noticed_by_the_restarted_sys(
     keeper.send({"request_id": "i", "work_id": kept, "action": "inference", "object": "skel.utf-8", "data": "yes"})
     assert "".join(m["data"]["delta"] for m in keeper.stream("i")) == "YES"
     keeper.close()
+
+
+def test_an_impostor_unit_is_refused_and_the_live_unit_keeps_its_tasks(skel_stack):
+    import asyncio
+
+    from core import bus, rundir
+
+    async def register(key: str) -> bus.Message:
+        ctx = bus.Context()
+        sock = ctx.dealer(skel_stack.endpoint, bus.peer_identity("impostor"))
+        try:
+            sock.send(bus.Hello(role="unit", name="skel", names=["skel"], actions=["setup"], key=key))
+            return await asyncio.wait_for(sock.recv(), 5)
+        finally:
+            sock.close()
+            ctx.term()
+
+    with StackFlowClient(skel_stack.port) as c:
+        work_id = c.request({"request_id": "s", "work_id": "skel", "action": "setup",
+                             "data": {"model": "skel", "response_format": "skel.utf-8.stream"}})["work_id"]
+        wrong = asyncio.run(register("0" * 64))
+        assert isinstance(wrong, bus.Control) and wrong.op == "refused" and "wrong registration key" in wrong.data
+        key = (skel_stack.run_dir / rundir.KEY_FILE).read_text()
+        second = asyncio.run(register(key))  # even a process of this stack cannot take a live unit's name
+        assert isinstance(second, bus.Control) and second.op == "refused" and "already served" in second.data
+        assert task_ids(c) == [work_id]
+        c.send({"request_id": "i", "work_id": work_id, "action": "inference", "object": "skel.utf-8", "data": "mine"})
+        assert "".join(m["data"]["delta"] for m in c.stream("i")) == "MINE"
