@@ -314,7 +314,7 @@ class Unit:
         self.sock = self._ctx.dealer(self.endpoint, self.identity)
 
     def _register_again(self, why: str) -> None:
-        """sys restarted or lost us: register again with every task, so a new sys recovers them (spec §5.3).
+        """sys restarted or lost us: register again with every task, so a new sys recovers them (spec §5.4).
 
         The requests in flight died with the old sys and their clients have answered them, so the
         unit stops their work (an answer still goes out, for a sys that only lost us for a while)."""
@@ -767,7 +767,7 @@ class Unit:
         """A client connection went away: stop its work, release ownership, exit tasks that asked for it.
 
         When a client process vanished without saying goodbye (`release`), its tasks go too: they
-        would hold task slots until a setup reclaimed them (spec §5.3)."""
+        would hold task slots until a setup reclaimed them (spec §5.4)."""
         def matches(key: tuple | list | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 

@@ -1,5 +1,5 @@
 """Crashes of sys and of the bridge: every request in flight is answered, tasks are recovered or released
-(spec §5.3 "Recovery")."""
+(spec §5.4)."""
 from __future__ import annotations
 
 import os
