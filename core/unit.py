@@ -360,7 +360,8 @@ class Unit:
                 log.exception("undecodable bus message dropped")
                 continue
             self._last_from_sys = time.monotonic()
-            if not isinstance(message, bus.Hello) and not (isinstance(message, bus.Control) and message.op == "refused"):
+            refused = isinstance(message, bus.Control) and message.op == "refused"
+            if not refused and not isinstance(message, bus.Hello):
                 self.registered.set()  # sys answers a hello it accepts with a heartbeat
             try:
                 await self._handle(message)

@@ -222,7 +222,8 @@ class Broker:
 
     def _hello(self, identity: bytes, hello: bus.Hello) -> None:
         self._hello_sent.pop(identity, None)
-        if not isinstance(hello.key, str) or not hmac.compare_digest(hello.key.encode("utf-8", "surrogatepass"), self.key.encode()):
+        offered = hello.key.encode("utf-8", "surrogatepass") if isinstance(hello.key, str) else b""
+        if not hmac.compare_digest(offered, self.key.encode()):
             # Not a process of this stack (it cannot read the run dir's key): never registered.
             if identity not in self._refused:
                 log.warning("hello from %r (%s %s, pid %s) refused: wrong registration key", identity,

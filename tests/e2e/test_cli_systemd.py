@@ -67,7 +67,8 @@ def test_install_systemd_creates_the_user_the_services_run_as(tmp_path):
     assert (tmp_path / "etc/sysusers.d/unitbus.conf").is_file()
     users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()}
     assert users["unitbus"][5] == "/var/lib/unitbus" and users["unitbus"][6].endswith("nologin")
-    groups = {line.split(":")[0]: line.split(":")[3].split(",") for line in (tmp_path / "etc/group").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":")[3].split(",")
+              for line in (tmp_path / "etc/group").read_text().splitlines()}
     assert "unitbus" in groups["audio"] and "unitbus" in groups["dialout"]
     again = unitbus("install-systemd", "--root", str(tmp_path), "--executable", "/usr/bin/unitbus")
     assert again.returncode == 0, again.stderr  # idempotent
