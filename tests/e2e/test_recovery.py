@@ -164,3 +164,19 @@ def test_an_impostor_unit_is_refused_and_the_live_unit_keeps_its_tasks(skel_stac
         assert task_ids(c) == [work_id]
         c.send({"request_id": "i", "work_id": work_id, "action": "inference", "object": "skel.utf-8", "data": "mine"})
         assert "".join(m["data"]["delta"] for m in c.stream("i")) == "MINE"
+
+
+def test_a_setup_loading_when_sys_dies_is_answered_and_leaves_no_task(stack_factory):
+    stack = stack_factory(["skel"], {"skel.max_tasks": "1"})
+    with StackFlowClient(stack.port) as c:
+        c.send({"request_id": "load", "work_id": "skel", "action": "setup", "data": {"model": "skel", "load_ms": 3000}})
+        time.sleep(0.5)  # the unit is loading
+        os.kill(stack.pid_of("sys"), signal.SIGKILL)
+        failed = c.read_for("load", timeout=5)
+        assert failed["error"]["code"] == -9 and "sys restarted" in failed["error"]["message"]
+        assert failed["work_id"] == "skel"
+        time.sleep(3)  # the load has ended: its task must not have been kept
+        assert wait_until(lambda: task_ids(c) is not None, 10, "sys back") and task_ids(c) == []
+        again = c.request({"request_id": "s", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        assert again["error"]["code"] == 0, again  # the only slot is free
+        c.expect_silence(0.5)
