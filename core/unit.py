@@ -190,6 +190,7 @@ class Unit:
         self.identity = bus.peer_identity(self.name)
         self.sock: bus.DealerSocket | None = None
         self._epoch = 0  # counts registrations with sys: a setup that outlives one is not announced
+        self._refusal: Any = None  # the last reason sys gave for refusing this unit
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task] = set()
@@ -393,7 +394,9 @@ class Unit:
                 self.exit_code = RESTART_EXIT
                 self._stop.set()
         elif message.op == "refused":
-            log.error("sys refused this unit: %s", message.data)
+            if message.data != self._refusal:  # it asks again every heartbeat: say it once
+                log.error("sys refused this unit: %s", message.data)
+            self._refusal = message.data
         elif message.op == "live":
             await self._drop_stale_owners(message.data)
         else:

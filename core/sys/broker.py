@@ -98,7 +98,7 @@ class Broker:
         self._pcm_subscribers = 0
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
-        self._refused: dict[bytes, float] = {}  # peers whose hello had a wrong key (logged once each)
+        self._refused: dict[bytes, float] = {}  # peers whose hello was refused, and when (logged once each)
         self._live_told = False  # whether units were told which clients came back (after a restart)
         self.ready = asyncio.Event()
 
@@ -252,7 +252,9 @@ class Broker:
             if old is not None and old is not again:
                 # Never let a newcomer take a live unit's name (and its tasks): it may ask again later.
                 why = f"unit {name} is already served by a live process; registration refused"
-                log.warning("%s (pid %s)", why, hello.pid)
+                if identity not in self._refused:
+                    log.warning("%s (pid %s)", why, hello.pid)
+                self._refused[identity] = time.monotonic()
                 self.send_to_peer(identity, bus.Control("refused", why))
                 return
         record = again or UnitRecord(identity, hello.name, names, set(hello.actions), hello.version, hello.features)
