@@ -364,6 +364,7 @@ class Unit:
             refused = isinstance(message, bus.Control) and message.op == "refused"
             if not refused and not isinstance(message, bus.Hello):
                 self.registered.set()  # sys answers a hello it accepts with a heartbeat
+                self._refusal = None
             try:
                 await self._handle(message)
             except Exception:
@@ -381,7 +382,9 @@ class Unit:
         elif isinstance(message, bus.Control):
             await self._control(message)
         elif isinstance(message, bus.Hello):
-            log.warning("sys does not know this unit (it restarted): registering again with %d tasks", len(self.tasks))
+            if self._refusal is None:  # a refused unit is asked every heartbeat: no news
+                log.warning("sys does not know this unit (it restarted): registering again with %d tasks",
+                            len(self.tasks))
             self._register_again("sys restarted")
 
     async def _control(self, message: bus.Control) -> None:

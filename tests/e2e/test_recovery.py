@@ -180,3 +180,28 @@ def test_a_setup_loading_when_sys_dies_is_answered_and_leaves_no_task(stack_fact
         again = c.request({"request_id": "s", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
         assert again["error"]["code"] == 0, again  # the only slot is free
         c.expect_silence(0.5)
+
+
+def test_a_second_unit_process_waits_for_the_name_and_takes_over_when_the_first_dies(skel_stack, tmp_path):
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    with StackFlowClient(skel_stack.port) as c:
+        work_id = c.request({"request_id": "s", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})["work_id"]
+        log = tmp_path / "second.log"
+        with open(log, "w") as out:
+            second = subprocess.Popen([sys.executable, "-m", "units.skel", "--set", f"bus.run_dir={skel_stack.run_dir}"],
+                                      cwd=REPO, env=skel_stack.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: "already served by a live process" in log.read_text(), 30, "the second refused")
+            assert task_ids(c) == [work_id]  # the live unit kept its task
+            first = skel_stack.pid_of("skel")
+            os.kill(first, signal.SIGKILL)
+            setup = {"request_id": "s2", "work_id": "skel", "action": "setup", "data": {"model": "skel"}}
+            wait_until(lambda: c.request(setup)["error"]["code"] == 0, 15, "a unit registered again")
+        finally:
+            second.kill()
+            second.wait()
+        assert log.read_text().count("sys refused this unit") == 1  # said once, not at every retry
