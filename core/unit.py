@@ -28,6 +28,7 @@ from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
+from core.runtime import return_memory_to_os
 from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
@@ -173,6 +174,9 @@ class Unit:
     max_queue_default: ClassVar[int] = 3
     reassemble_streams: ClassVar[bool] = True
     needs_text: ClassVar[bool] = True  # inference data is text (else audio bytes)
+    # Give freed memory back to the OS when a job leaves the task idle: for units whose jobs allocate
+    # and free large tensors (a transcription, a sentence), not for those that run every 80 ms.
+    trim_when_idle: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -700,6 +704,9 @@ class Unit:
         except Exception as exc:
             log.exception("%s: job %s failed", job.task.work_id, job.request_id)
             self._job_error(job, UnitError(ErrorCode.MODEL_RUN, str(exc) or type(exc).__name__))
+        finally:
+            if self.trim_when_idle and not job.task.queue:
+                return_memory_to_os()
 
     def _job_error(self, job: Job, exc: UnitError) -> None:
         response = error_reply(job.request_id, job.task.work_id, exc)

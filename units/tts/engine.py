@@ -50,6 +50,7 @@ PEAK_MARGIN = 1.15  # sentences peak up to ~15% above the warm-up sentence (meas
 CALIBRATION = "Hello, how are you today?"
 FIRST_FRAMES = 24  # a sentence's first decoded chunk: 24 frames of 256 samples, 0.28 s at 22050 Hz
 DECODE_CONTEXT = 16  # frames decoded on each side of a chunk: the chunk then matches the whole decode to 1e-6
+MAX_DECODE_FRAMES = 256  # frames decoded at once (3 s of audio): bounds the decoder's memory per run
 ESPEAK_WPM = 175  # espeak-ng's default rate, the fallback voice's speed 1.0
 
 PAD, BOS, EOS = "_", "^", "$"
@@ -304,11 +305,11 @@ class PiperModel:
 
             built = source != model  # a build in the cache: its folder names it
             front, decoder, voice.frames_name = split_voice(source, f"{source.parent.name if built else model.stem}-split")
-            voice.session = create_session(front, threads=threads, options=options)
-            voice.decoder = create_session(decoder, threads=threads, options=options)
+            voice.session = create_session(front, threads=threads, options=options, shapes_vary=True)
+            voice.decoder = create_session(decoder, threads=threads, options=options, shapes_vary=True)
         except (ImportError, ValueError, OSError) as exc:
             log.warning("the voice %s cannot be split at its decoder (%s): each sentence's audio comes whole", model, exc)
-            voice.session = create_session(source, threads=threads, options=options)
+            voice.session = create_session(source, threads=threads, options=options, shapes_vary=True)
         if "sid" in {i.name for i in voice.session.get_inputs()} and int(cfg.get("num_speakers", 1)) > 1:
             voice.speaker_id = 0
         voice._warm_up(espeak)
@@ -347,10 +348,12 @@ class PiperModel:
         return feeds
 
     def run(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
-        """The whole piece's audio, float32 at `rate`."""
+        """The whole piece's audio, float32 at `rate` (decoded in spans of at most MAX_DECODE_FRAMES)."""
         if self.decoder is None:
             return self.session.run(None, self._feeds(ids, noise_scale, length_scale, noise_w))[0].reshape(-1).astype(np.float32, copy=False)
-        return self._decode(self.frames(ids, noise_scale, length_scale, noise_w))
+        frames = self.frames(ids, noise_scale, length_scale, noise_w)
+        parts = [self.decode(frames, a, b) for a, b in chunk_spans(frames.shape[2], MAX_DECODE_FRAMES)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def frames(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
         """The latent frames [1, channels, n] of a piece (a split voice only): timing and noise are fixed here."""
@@ -367,14 +370,16 @@ class PiperModel:
         return wav[(start - lo) * self.hop:(end - lo) * self.hop]
 
 
-def chunk_spans(total: int) -> list[tuple[int, int]]:
-    """Frame spans a streamed piece is decoded in: FIRST_FRAMES, then each twice the one before (each
-    chunk is decoded while the ones before it play), the last taking the rest rather than a stub."""
-    spans, start, size = [], 0, FIRST_FRAMES
+def chunk_spans(total: int, first: int | None = None) -> list[tuple[int, int]]:
+    """Frame spans a piece is decoded in. Streamed (the text's first piece): `first` frames (default
+    FIRST_FRAMES), then each twice the one before, so each chunk is decoded while the ones before it
+    play. Every span is at most MAX_DECODE_FRAMES: the decoder's activations, which grow with the
+    frames decoded at once, stay bounded whatever the text. The last span takes the rest, not a stub."""
+    spans, start, size = [], 0, min(first or FIRST_FRAMES, MAX_DECODE_FRAMES)
     while start < total:
-        end = total if total - start < 2 * size else start + size
+        end = total if total - start < 2 * size and total - start <= MAX_DECODE_FRAMES else start + size
         spans.append((start, end))
-        start, size = end, size * 2
+        start, size = end, min(size * 2, MAX_DECODE_FRAMES)
     return spans
 
 

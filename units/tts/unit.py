@@ -37,6 +37,7 @@ OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "
 class TtsUnit(Unit):
     name = UNIT.name
     names = UNIT.names
+    trim_when_idle = True
     defaults: dict[str, Any] = {
         "spacker_speed": 1.0,  # StackFlow's spelling
         "speed": 1.0,
