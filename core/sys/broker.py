@@ -32,6 +32,7 @@ class UnitRecord:
     actions: set[str]
     version: str
     features: list[str]
+    pid: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -202,7 +203,7 @@ class Broker:
                 if old is not None and old.identity != identity:
                     self._unit_dead(old, f"unit {old.name} was replaced by a new process")
             record = UnitRecord(identity, hello.name, hello.names or [hello.name], set(hello.actions),
-                                hello.version, hello.features)
+                                hello.version, hello.features, hello.pid)
             self.workers[identity] = record
             for name in record.names:
                 self.units[name] = record
