@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 
-from firmware_bridge.http import ai00, cortex, ollama, openai
+from core.settings import SettingsError
+from firmware_bridge.http import ai00, console, cortex, ollama, openai
 from firmware_bridge.http.common import make_app
 from firmware_bridge.http.gateway import Gateway
 
@@ -15,7 +17,7 @@ APIS = {"openai": openai, "ollama": ollama, "ai00": ai00, "cortex": cortex}
 @dataclass
 class Listener:
     api: str
-    app: FastAPI
+    app: Any  # an ASGI app: a FastAPI app, or console.Combined in front of one
     port: int
 
 
@@ -26,5 +28,15 @@ def create_app(api: str, gateway: Gateway) -> FastAPI:
 
 def build(gateway: Gateway) -> list[Listener]:
     settings = gateway.settings
-    return [Listener(api, create_app(api, gateway), int(settings[f"http.{api}.port"]))
-            for api in APIS if settings[f"http.{api}.enabled"]]
+    listeners = [Listener(api, create_app(api, gateway), int(settings[f"http.{api}.port"]))
+                 for api in APIS if settings[f"http.{api}.enabled"]]
+    where = str(settings["http.console"]).strip().lower()
+    if where == "openai":
+        for listener in listeners:
+            if listener.api == "openai":
+                listener.app = console.Combined(listener.app, console.create(gateway))
+    elif where not in ("off", "false", ""):
+        if not where.isdigit():
+            raise SettingsError(f"http.console: expected openai, off or a port number, got {where!r}")
+        listeners.append(Listener("console", console.create(gateway), int(where)))
+    return listeners

@@ -51,3 +51,19 @@ class ConsoleStack:
 
     def stop(self) -> None:
         self.stack.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc (clock ticks of 1/100 s on Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_console(page, console: "ConsoleStack", view: str = "Chat"):
+    page.goto(console.url)
+    page.wait_for_selector("body[data-ready=true]")
+    if view != "Chat":
+        page.get_by_role("tab", name=view).click()
+    return page
