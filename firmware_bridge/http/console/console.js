@@ -410,7 +410,7 @@ handlers.bus = (message) => {
     ["CPU load", hw.cpu_loadavg != null ? `${hw.cpu_loadavg} %` : "?"],
     ["memory used", hw.mem != null ? `${hw.mem} %` : "?"],
     ["temperature", hw.temperature ? `${(hw.temperature / 1000).toFixed(1)} °C` : "not reported"],
-    ...(hw.eth_info || []).map((e) => [e.name, e.ip]),
+    ...(hw.eth_info || []).map((e) => [e.name, e.ip || "no address"]),
   ];
   $("#hwinfo").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { textContent: k }), el("dd", { textContent: v })]));
   rows("#units", message.units, (u) => {
@@ -445,7 +445,7 @@ function drawGraph(tasks, links) {
   const where = {};
   for (const [col, list] of Object.entries(columns))
     list.forEach((n, row) => { where[n] = { x: 10 + col * (W + GX), y: 10 + row * (H + GY) }; });
-  const width = Math.max(600, 20 + (Object.keys(columns).length) * (W + GX));
+  const width = Math.max(2 * W + GX + 20, 20 + Object.keys(columns).length * (W + GX) - GX);
   const height = Math.max(60, 20 + Math.max(1, ...Object.values(columns).map((c) => c.length)) * (H + GY));
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const title = node("title", { id: "graph-title" }, names.length

@@ -42,8 +42,8 @@ def browser(tmp_path, request):
 
 @pytest.fixture(scope="session")
 def llm_console(tmp_path_factory):
-    """The console over a stack with the llm unit, its model loaded once."""
-    console = ConsoleStack(tmp_path_factory.mktemp("console"), ["llm"]).start()
+    """The console over a stack with the llm unit (its model loaded once) and skel (cheap tasks to link)."""
+    console = ConsoleStack(tmp_path_factory.mktemp("console"), ["llm", "skel"], {"skel.max_tasks": "4"}).start()
     r = httpx.post(console.url + "v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
                    timeout=180)
     assert r.status_code == 200, r.text
