@@ -338,7 +338,9 @@ class Session:
                          "input": [PCM_SOURCE, "{kws}"], "enoutput": True}),
                 ("llm", {"model": llm["mode"], "response_format": "llm.utf-8.stream",
                          "input": ["llm.utf-8", "{asr}", "{kws}"], "enoutput": True, "max_token_len": 96,
-                         "prompt": str(message.get("prompt") or "You are a voice assistant. Answer briefly.")}),
+                         "prompt": str(message.get("prompt") or "You are a voice assistant. Answer briefly."),
+                         **({"temperature": message["temperature"]} if isinstance(message.get("temperature"), (int, float))
+                            and not isinstance(message.get("temperature"), bool) else {})}),
                 ("tts", {"model": tts["mode"], "response_format": "sys.pcm",
                          "input": ["tts.utf-8", "{llm}", "{kws}"], "enoutput": False})]
         ids: dict[str, str] = {}

@@ -366,7 +366,9 @@ $("#handsfree").addEventListener("click", () => {
   const on = $("#handsfree").getAttribute("aria-pressed") !== "true";
   $("#handsfree").disabled = true;
   if (on) hfEvent("setting up kws → asr → llm → tts…");
-  send({ type: "handsfree", on, wake: $("#wake").value });
+  const temperature = $("#temperature").value.trim();
+  send({ type: "handsfree", on, wake: $("#wake").value, prompt: $("#system").value,
+         ...(temperature !== "" ? { temperature: Number(temperature) } : {}) });
 });
 handlers.handsfree = (message) => {
   setHandsfree(message.on);
@@ -382,7 +384,7 @@ handlers.event = (message) => {
     if (data.finish) hfLine = null;
     return;
   }
-  const shown = typeof data === "object" ? JSON.stringify(data) : String(data);
+  const shown = data && typeof data === "object" ? ("delta" in data ? data.delta : JSON.stringify(data)) : String(data);
   const item = hfEvent(`${message.work_id} ${message.object}: ${shown}`);
   item.dataset.object = message.object;
 };
