@@ -497,9 +497,9 @@ class Unit:
             raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
                             "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
         if params["progress"] and route:
-            task.state["progress"] = lambda percent: self.send_threadsafe(bus.Msg(
+            task.state["progress"] = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
-                                  {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
+                                  {"stage": stage, "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
             raise self._task_full()

@@ -33,7 +33,7 @@ from core.errors import UnitError
 from core.ids import WorkId
 from firmware_bridge.connection import Connection
 from firmware_bridge.http.errors import GatewayError
-from firmware_bridge.http.gateway import Gateway, http_error
+from firmware_bridge.http.gateway import Gateway, Served, http_error
 from firmware_bridge.http.openai import chat_data
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ STATIC = Path(__file__).with_name("console")
 HELLO_TIMEOUT_S = 10.0
 CLOSE_UNAUTHORIZED = 4401  # WebSocket close code: the API key is missing or wrong
 PCM_SOURCE = "sys.pcm"
+PROGRESS_POLL_S = 0.25
 
 
 def links(tasks: list[dict]) -> list[dict[str, str]]:
@@ -82,7 +83,7 @@ class Session:
         self.settings = gw.settings
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.queued_bytes = 0
-        self.chats: dict[str, asyncio.Task] = {}  # page id -> running chat
+        self.chats: dict[str, asyncio.Task] = {}  # page id -> chat waiting for its model
         self.request_ids: dict[str, str] = {}  # page id -> bus request_id, for stop
         self.work: set[asyncio.Task] = set()
         self.raw: Connection | None = None
@@ -211,9 +212,11 @@ class Session:
                 raise GatewayError(400, f"{manifest['mode']} has no constrained decoding", param="grammar")
             data["grammar"] = {"type": str(grammar.get("type") or "gbnf"), "text": grammar["text"]}
         rid = f"console-{uuid.uuid4().hex[:16]}"
-        if self.gw.state(manifest["mode"]) != "loaded":
-            self.send({"type": "status", "id": cid, "state": "loading", "model": manifest["mode"]})
-        served = await self.gw.acquire(manifest)
+        self.chats[cid] = asyncio.current_task()
+        try:
+            served = await self._acquire(cid, manifest)
+        finally:
+            self.chats.pop(cid, None)
         self.request_ids[cid] = rid
         self.send({"type": "start", "id": cid, "request_id": rid, "work_id": served.work_id})
         tokens = 0
@@ -231,8 +234,32 @@ class Session:
         finally:
             self.request_ids.pop(cid, None)
 
+    async def _acquire(self, cid: Any, manifest: dict) -> Served:
+        """The pool task of a model; while it loads (converting it first, the first time) the page is told
+        the stage and percent the unit reports."""
+        acquiring = asyncio.ensure_future(self.gw.acquire(manifest))
+        shown = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquiring}, timeout=PROGRESS_POLL_S)
+                if done:
+                    return acquiring.result()
+                served = self.gw.served.get((manifest["type"], manifest["mode"]))
+                now = {"stage": "loading", "percent": 0, **(served.progress if served is not None else {})}
+                if now != shown:
+                    self.send({"type": "status", "id": cid, "model": manifest["mode"], **now})
+                    shown = now
+        finally:
+            acquiring.cancel()  # a no-op once done; otherwise only this wait stops, the load goes on
+
     async def stop(self, message: dict) -> None:
-        rid = self.request_ids.pop(str(message.get("id", "")), None)
+        cid = str(message.get("id", ""))
+        waiting = self.chats.pop(cid, None)
+        if waiting is not None:  # still waiting for its model: stop waiting (the load itself goes on)
+            waiting.cancel()
+            self.send({"type": "done", "id": cid, "finish_reason": "stop", "usage": None, "stopped": True})
+            return
+        rid = self.request_ids.pop(cid, None)
         if rid is None or not await self.gw.cancel(rid):
             self.send({"type": "error", "for": "stop", "id": message.get("id"), "status": 404, "code": "not_found",
                        "message": "that chat is not running"})
@@ -301,7 +328,7 @@ class Session:
             raise GatewayError(400, "transcribe: less than 0.1 s of audio; hold the button while you speak",
                                param="pcm")
         manifest = await self._first_model("asr")
-        served = await self.gw.acquire(manifest)
+        served = await self._acquire(message.get("id"), manifest)
         answer = await self.gw.call(served, "asr.pcm.base64", base64.b64encode(pcm).decode(),
                                     f"console-asr-{uuid.uuid4().hex[:12]}")
         texts = [(item.get("delta") if isinstance(item, dict) else item) for item in answer]
@@ -313,7 +340,7 @@ class Session:
         if not isinstance(text, str) or not text.strip() or len(text) > 4096:
             raise GatewayError(400, "speak: text must be 1..4096 characters", param="text")
         manifest = await self._first_model("tts")
-        served = await self.gw.acquire(manifest)
+        served = await self._acquire(message.get("id"), manifest)
         answer = await self.gw.call(served, "tts.utf-8", text, f"console-tts-{uuid.uuid4().hex[:12]}")
         pcm = b"".join(base64.b64decode(item["delta"] if isinstance(item, dict) else item)
                        for item in answer if (item.get("delta") if isinstance(item, dict) else item))

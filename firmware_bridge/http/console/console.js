@@ -169,7 +169,12 @@ function chat(text) {
       $("#send").disabled = false;
     };
     waiting[id] = {
-      status: (message) => { note.replaceChildren(`loading ${message.model}…`, el("progress", { "aria-label": "model loading" })); },
+      status: (message) => {
+        const bar = el("progress", { max: 100, value: message.percent });
+        bar.setAttribute("aria-label", `${message.stage} ${message.model}`);
+        note.replaceChildren(`${message.stage} ${message.model}… ${message.percent} %`, bar);
+        item.dataset.progress = (item.dataset.progress ? item.dataset.progress + "," : "") + `${message.stage}:${message.percent}`;
+      },
       start: () => { note.textContent = ""; },
       token: (message) => { tokens += 1; content.textContent += message.delta; item.dataset.tokens = tokens; },
       done: (message) => {
@@ -293,6 +298,7 @@ function stopTalk() {
   const turn = el("li", { textContent: "…" });
   $("#voice-log").append(turn);
   waiting[id] = {
+    status: (message) => voiceStatus(`${message.stage} ${message.model}… ${message.percent} %`),
     transcript: (message) => {
       delete waiting[id];
       turn.textContent = `you: ${message.text || "(nothing heard)"}`;
@@ -313,6 +319,7 @@ function speak(text) {
   const id = `tts${nextId++}`;
   voiceStatus("speaking…");
   waiting[id] = {
+    status: (message) => voiceStatus(`${message.stage} ${message.model}… ${message.percent} %`),
     speech: (message) => { delete waiting[id]; play(message); },
     error: (message) => { delete waiting[id]; voiceStatus(message.message); },
   };

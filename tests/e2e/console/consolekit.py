@@ -25,9 +25,9 @@ def screenshot(page, name: str) -> Path:
 class ConsoleStack:
     """`unitbus up` with the HTTP gateway (the console on the OpenAI port at /) and the given units."""
 
-    def __init__(self, tmp: Path, units: list[str], settings: dict | None = None):
+    def __init__(self, tmp: Path, units: list[str], settings: dict | None = None, env: dict | None = None):
         self.port = free_port()
-        self.stack = Stack(tmp, units, {"up.http": "true", "http.openai.port": str(self.port),
+        self.stack = Stack(tmp, units, env=env, settings={"up.http": "true", "http.openai.port": str(self.port),
                                         "http.ollama.enabled": "false", "http.ai00.enabled": "false",
                                         "http.cortex.enabled": "false", **(settings or {})})
 
