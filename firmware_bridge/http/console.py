@@ -218,7 +218,7 @@ class Session:
         finally:
             self.chats.pop(cid, None)
         self.request_ids[cid] = rid
-        self.send({"type": "start", "id": cid, "request_id": rid, "work_id": served.work_id})
+        self.send({"type": "start", "id": cid, "bus_request_id": rid, "work_id": served.work_id})
         tokens = 0
         try:
             async for chunk in self.gw.stream(served, data, rid):
