@@ -219,18 +219,17 @@ class Session:
             self.chats.pop(cid, None)
         self.request_ids[cid] = rid
         self.send({"type": "start", "id": cid, "bus_request_id": rid, "work_id": served.work_id})
-        tokens = 0
         try:
             async for chunk in self.gw.stream(served, data, rid):
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("delta"):
-                    tokens += 1
                     self.send({"type": "token", "id": cid, "delta": chunk["delta"]})
                 if chunk.get("finish"):
                     self.send({"type": "done", "id": cid, "finish_reason": chunk.get("finish_reason") or "stop",
                                "usage": chunk.get("usage"), "stopped": cid not in self.request_ids})
                     return
+            raise GatewayError(500, "the unit ended the request without a final chunk", code="model_error")
         finally:
             self.request_ids.pop(cid, None)
 

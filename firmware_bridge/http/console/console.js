@@ -160,7 +160,7 @@ function chat(text) {
     item.setAttribute("aria-busy", "true");
     $("#stop").disabled = false;
     $("#send").disabled = true;
-    let tokens = 0;
+    let chunks = 0;  // streamed deltas (a delta may hold several tokens)
     const finish = () => {
       running = null;
       delete waiting[id];
@@ -176,7 +176,7 @@ function chat(text) {
         item.dataset.progress = (item.dataset.progress ? item.dataset.progress + "," : "") + `${message.stage}:${message.percent}`;
       },
       start: () => { note.textContent = ""; },
-      token: (message) => { tokens += 1; content.textContent += message.delta; item.dataset.tokens = tokens; },
+      token: (message) => { chunks += 1; content.textContent += message.delta; item.dataset.chunks = chunks; },
       done: (message) => {
         finish();
         history.push({ role: "assistant", content: content.textContent });

@@ -40,7 +40,7 @@ def test_chat_streams_token_by_token(llm_console, browser):
     assert len(growing) >= 5, lengths
     assert lengths[-1] == max(lengths) == len(answer.locator(".content").inner_text())
     assert answer.get_attribute("data-finish") in ("stop", "length")
-    assert int(answer.get_attribute("data-tokens")) >= 5
+    assert int(answer.get_attribute("data-chunks")) >= 5
     screenshot(page, "chat")
 
 
@@ -49,13 +49,13 @@ def test_stop_cancels_the_generation(llm_console, browser):
     page.get_by_label("Max tokens").fill("1000")
     ask(page, "Tell a very long story about a lighthouse keeper, with many chapters.")
     answer = page.locator("#messages li.assistant").last
-    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant:last-child')?.dataset.tokens) >= 5",
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant:last-child')?.dataset.chunks) >= 5",
                            timeout=120_000)
     page.get_by_role("button", name="Stop").click()
     answer.and_(page.locator("[data-finish]")).wait_for(timeout=10_000)
     assert answer.get_attribute("data-finish") == "stopped"
     assert "stopped" in answer.inner_text()
-    tokens = int(answer.get_attribute("data-tokens"))
+    tokens = int(answer.get_attribute("data-chunks"))
     assert tokens < 1000
     # The llm task is idle within 1 s: one second after the stop its process burns (almost) no CPU,
     # where a running generation keeps its onnxruntime threads busy.
@@ -83,6 +83,21 @@ def test_system_prompt_sampling_and_json_schema(llm_console, browser):
     answer.and_(page.locator("[data-finish]")).wait_for(timeout=120_000)
     value = json.loads(answer.locator(".content").inner_text())
     assert list(value) == ["city"] and isinstance(value["city"], str)
+    # A GBNF grammar: the answer is one of its sentences.
+    page.get_by_label("Output constraint").select_option("gbnf")
+    page.get_by_label("Schema or grammar").fill('root ::= "yes" | "no"')
+    ask(page, "Is Paris in France?")
+    answer = page.locator("#messages li.assistant").last
+    answer.and_(page.locator("[data-finish]")).wait_for(timeout=120_000)
+    assert answer.locator(".content").inner_text() in ("yes", "no")
+    # The sampling settings reach the unit: max tokens cuts the answer.
+    page.get_by_label("Output constraint").select_option("")
+    page.get_by_label("Max tokens").fill("3")
+    ask(page, "Count from one to twenty.")
+    answer = page.locator("#messages li.assistant").last
+    answer.and_(page.locator("[data-finish]")).wait_for(timeout=120_000)
+    assert answer.get_attribute("data-finish") == "length" and int(answer.get_attribute("data-chunks")) <= 3
+    assert "cut at max tokens" in answer.inner_text()
     # A grammar the converter rejects is an error shown in the conversation, and the page stays usable.
     page.get_by_label("Output constraint").select_option("gbnf")
     page.get_by_label("Schema or grammar").fill("root ::= (")

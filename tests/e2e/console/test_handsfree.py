@@ -5,6 +5,7 @@ of france" into it over TCP, as a microphone would hear it; the speaker is audio
 """
 from __future__ import annotations
 
+import base64
 import time
 
 import numpy as np
@@ -42,7 +43,6 @@ def test_handsfree_chain_events_live(tmp_path, browser):
         tasks = events.get_by_text("listening (").inner_text()
         assert all(f"{unit}." in tasks for unit in ("kws", "asr", "llm", "tts"))
         with StackFlowClient(console.stack.port, timeout=60) as tcp:
-            import base64
             pcm = spoken_scene(tmp_path).astype("<i2").tobytes()
             reply = tcp.request({"request_id": "mic", "work_id": "audio", "action": "capture",
                                  "object": "audio.pcm.base64", "data": base64.b64encode(pcm).decode()})
