@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from core import registry
 from core.envelope import Request, Response
-from core.errors import UnitError
+from core.errors import ErrorCode, UnitError
 from core.ids import WorkId
 from firmware_bridge.connection import Connection
 from firmware_bridge.http.errors import GatewayError
@@ -374,9 +374,9 @@ class Session:
             for unit, data in plan:
                 data["input"] = [i.format(**ids) for i in data["input"]] if isinstance(data["input"], list) \
                     else data["input"]
-                response = await self.client.request(Request(f"console-hf-{unit}", unit, "setup", f"{unit}.setup",
-                                                             data), conn=self.chain_conn,
-                                                     timeout=float(self.settings["timeouts.setup_s"]) + 5)
+                response = await self._chain_setup(unit, data)
+                if response is not None and response.code == ErrorCode.TASK_FULL and await self._free(unit):
+                    response = await self._chain_setup(unit, data)
                 if response is None or response.code != 0:
                     raise GatewayError(503, f"hands-free: {unit} setup failed: "
                                             f"{response.message if response else 'no reply'}",
@@ -388,6 +388,19 @@ class Session:
             await self._chain_down()
             raise
         self.send({"type": "handsfree", "on": True, "tasks": self.chain})
+
+    async def _chain_setup(self, unit: str, data: dict) -> Response | None:
+        request = Request(f"console-hf-{unit}", unit, "setup", f"{unit}.setup", data)
+        return await self.client.request(request, conn=self.chain_conn,
+                                         timeout=float(self.settings["timeouts.setup_s"]) + 5)
+
+    async def _free(self, unit: str) -> bool:
+        """Unload the gateway's idle tasks of a unit (push-to-talk's asr and tts, kept for their
+        keep-alive) so the chain can have the unit's task; False when there were none."""
+        idle = [s for s in list(self.gw.served.values()) if s.unit == unit and not s.inflight and s.state == "loaded"]
+        for served in idle:
+            await self.gw.unload(served.mode, served.unit)
+        return bool(idle)
 
     def _chain_event(self, response: Response, final: bool) -> None:
         self.send({"type": "event", "work_id": response.work_id, "object": response.object, "data": response.data,
