@@ -180,7 +180,10 @@ function chat(text) {
       done: (message) => {
         finish();
         history.push({ role: "assistant", content: content.textContent });
-        note.textContent = message.stopped ? "stopped" : (message.finish_reason === "length" ? "cut at max tokens" : "");
+        const used = message.usage && message.usage.completion_tokens;
+        if (used != null) item.dataset.completionTokens = used;
+        const why = message.stopped ? "stopped" : (message.finish_reason === "length" ? "cut at max tokens" : "");
+        note.textContent = [why, used != null ? `${used} tokens` : ""].filter(Boolean).join(", ");
         item.dataset.finish = message.stopped ? "stopped" : message.finish_reason;
         resolve(content.textContent);
       },
