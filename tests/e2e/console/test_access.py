@@ -96,3 +96,13 @@ def test_keyboard_only(llm_console, browser):
         .filter(e => !e.closest('[hidden]') && !e.labels?.length && !e.getAttribute('aria-label') && !e.textContent.trim())
         .map(e => e.id)""")
     assert unnamed == []
+
+
+def test_console_off(tmp_path):
+    console = ConsoleStack(tmp_path, ["skel"], {"http.console": "off"}).start()
+    try:
+        assert httpx.get(console.url).status_code == 404
+        assert httpx.get(console.url + "console/static/console.js").status_code == 404
+        assert httpx.get(console.url + "v1/models").status_code == 200  # the OpenAI API is still there
+    finally:
+        console.stop()
