@@ -43,6 +43,7 @@ HELLO_TIMEOUT_S = 10.0
 CLOSE_UNAUTHORIZED = 4401  # WebSocket close code: the API key is missing or wrong
 PCM_SOURCE = "sys.pcm"
 PROGRESS_POLL_S = 0.25
+MAX_WORK = 16  # requests of one page answered at the same time (chats, transcriptions, bus views...)
 
 
 def links(tasks: list[dict]) -> list[dict[str, str]]:
@@ -89,6 +90,7 @@ class Session:
         self.raw: Connection | None = None
         self.chain: list[str] = []  # hands-free work_ids, upstream first
         self.chain_conn: int | None = None
+        self.writer: asyncio.Task | None = None
 
     # outgoing ----------------------------------------------------------------------------------
     def send(self, message: dict[str, Any]) -> None:
@@ -111,6 +113,12 @@ class Session:
                 raise
             except Exception as exc:  # one failed request must not end the page's session
                 self.send({"type": "error", "for": reply_to.get("type"), "id": reply_to.get("id"), **fault(exc)})
+        if len(self.work) >= MAX_WORK:
+            coro.close()
+            self.send({"type": "error", "for": reply_to.get("type"), "id": reply_to.get("id"), "status": 429,
+                       "code": "rate_limit_exceeded",
+                       "message": f"{MAX_WORK} requests of this page are still running; wait for their answers"})
+            return
         task = asyncio.create_task(guarded())
         self.work.add(task)
         task.add_done_callback(self.work.discard)
@@ -118,7 +126,7 @@ class Session:
     # the session -------------------------------------------------------------------------------
     async def run(self) -> None:
         await self.ws.accept()
-        writer = asyncio.create_task(self._writer())
+        writer = self.writer = asyncio.create_task(self._writer())
         try:
             if not await self._hello():
                 return
@@ -164,9 +172,10 @@ class Session:
         return True
 
     async def _drain_then_close(self, code: int) -> None:
-        while not self.outbox.empty():
+        while not self.outbox.empty() and not self.writer.done():
             await asyncio.sleep(0.01)
-        await self.ws.close(code)
+        if not self.writer.done():
+            await self.ws.close(code)
 
     def _dispatch(self, text: str) -> None:
         try:

@@ -106,3 +106,15 @@ def test_console_off(tmp_path):
         assert httpx.get(console.url + "v1/models").status_code == 200  # the OpenAI API is still there
     finally:
         console.stop()
+
+
+def test_socket_bounds_the_requests_of_a_page(keyed_console):
+    with connect(socket_url(keyed_console)) as ws:
+        ws.send(json.dumps({"type": "hello", "key": KEY}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        for _ in range(20):  # each bus view waits about a second for sys.hwinfo's CPU sample
+            ws.send(json.dumps({"type": "bus"}))
+        answers = [json.loads(ws.recv(timeout=30)) for _ in range(20)]
+        kinds = [a["type"] for a in answers]
+        assert kinds.count("bus") == 16 and kinds.count("error") == 4
+        assert {a["status"] for a in answers if a["type"] == "error"} == {429}
