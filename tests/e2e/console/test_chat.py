@@ -106,3 +106,22 @@ def test_system_prompt_sampling_and_json_schema(llm_console, browser):
     failed.and_(page.locator("[data-finish=error]")).wait_for(timeout=60_000)
     assert failed.get_by_role("alert").inner_text().strip()
     screenshot(page, "chat-json-schema")
+
+
+def test_closing_the_page_stops_its_generation(llm_console, browser):
+    page = open_console(browser(), llm_console)
+    page.get_by_label("Max tokens").fill("1000")
+    ask(page, "Tell a very long story about a lighthouse keeper, with many chapters.")
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant:last-child')?.dataset.chunks) >= 3",
+                           timeout=120_000)
+    rid_count = llm_console.stack.log().count("client gone, cancelling")
+    page.context.close()
+    deadline = time.monotonic() + 10
+    while llm_console.stack.log().count("client gone, cancelling") == rid_count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert llm_console.stack.log().count("client gone, cancelling") == rid_count + 1
+    pid = llm_console.stack.pid_of("llm")
+    time.sleep(1.0)
+    before = cpu_seconds(pid)
+    time.sleep(1.0)
+    assert cpu_seconds(pid) - before < 0.25
