@@ -26,6 +26,10 @@ function connect() {
   };
   ws.onclose = (event) => {
     ws = null;
+    // What was running on the board for this page ended with the socket (the gateway stops it).
+    for (const callbacks of Object.values(waiting)) if (callbacks.error) callbacks.error({ message: "the connection to the board was lost" });
+    busAsked = false;
+    if ($("#handsfree").getAttribute("aria-pressed") === "true") { setHandsfree(false); hfEvent("stopped: the connection was lost", true); }
     if (event.code === 4401) return;  // the key form is showing; it reconnects
     $("#link-state").textContent = "disconnected; reconnecting…";
     setTimeout(connect, 2000);

@@ -125,3 +125,21 @@ def test_closing_the_page_stops_its_generation(llm_console, browser):
     before = cpu_seconds(pid)
     time.sleep(1.0)
     assert cpu_seconds(pid) - before < 0.25
+
+
+def test_a_lost_connection_is_said_and_the_page_reconnects(llm_console, browser):
+    page = open_console(browser(), llm_console)
+    page.get_by_label("Max tokens").fill("1000")
+    ask(page, "Tell a very long story about a lighthouse keeper, with many chapters.")
+    page.wait_for_function("() => Number(document.querySelector('#messages li.assistant:last-child')?.dataset.chunks) >= 3",
+                           timeout=120_000)
+    page.evaluate("ws.close()")
+    lost = page.locator("#messages li.assistant").last
+    lost.and_(page.locator("[data-finish=error]")).wait_for(timeout=10_000)
+    assert "connection to the board was lost" in lost.get_by_role("alert").inner_text()
+    page.wait_for_function("() => document.querySelector('#link-state').textContent === 'connected'", timeout=30_000)
+    page.get_by_label("Max tokens").fill("4")
+    ask(page, "Hi!")
+    again = page.locator("#messages li.assistant").last
+    again.and_(page.locator("[data-finish=length], [data-finish=stop]")).wait_for(timeout=60_000)
+    assert again.locator(".content").inner_text()
