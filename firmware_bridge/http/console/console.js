@@ -59,6 +59,7 @@ handlers.error = (message) => {
   if (message.for === "hello") {
     $("main").hidden = true;
     $("#key-form").hidden = false;
+    $("#link-state").textContent = "this board asks for its API key";
     $("#key-error").textContent = sessionStorage.getItem("unitbus-key") ? message.message : "";
     $("#key").focus();
     return;
