@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-SAFE = ("ping", "lsmode", "lstask", "lsunit", "hwinfo", "cmminfo", "axcl_cmminfo", "version", "version2", "uartsetup", "reset")
+SAFE = ("ping", "lsmode", "lstask", "lsunit", "hwinfo", "cmminfo", "axcl_cmminfo", "version", "version2", "uartsetup",
+        "reset")
 DANGEROUS = ("reboot", "bashexec", "push", "pull", "update", "upgrade", "rmmode", "unit_call")
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*")
 BAUD_RATES = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 500000, 576000,

@@ -361,10 +361,13 @@ class Session:
             await self._chain_down()
             self.send({"type": "handsfree", "on": False, "tasks": []})
             return
-        if self.chain:
+        if self.chain_conn is not None:  # already on (or being set up)
             self.send({"type": "handsfree", "on": True, "tasks": self.chain})
             return
         wake = str(message.get("wake") or "HEY JARVIS")
+        temperature = message.get("temperature")
+        sampling = {"temperature": temperature} \
+            if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) else {}
         kws, asr, llm, tts = [await self._first_model(k) for k in ("kws", "asr", "llm", "tts")]
         self.chain_conn = self.client.open_conn(self._chain_event)
         plan = [("kws", {"model": kws["mode"], "response_format": "kws.bool", "input": PCM_SOURCE,
@@ -374,8 +377,7 @@ class Session:
                 ("llm", {"model": llm["mode"], "response_format": "llm.utf-8.stream",
                          "input": ["llm.utf-8", "{asr}", "{kws}"], "enoutput": True, "max_token_len": 96,
                          "prompt": str(message.get("prompt") or "You are a voice assistant. Answer briefly."),
-                         **({"temperature": message["temperature"]} if isinstance(message.get("temperature"), (int, float))
-                            and not isinstance(message.get("temperature"), bool) else {})}),
+                         **sampling}),
                 ("tts", {"model": tts["mode"], "response_format": "sys.pcm",
                          "input": ["tts.utf-8", "{llm}", "{kws}"], "enoutput": False})]
         ids: dict[str, str] = {}
