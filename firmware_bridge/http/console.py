@@ -317,8 +317,12 @@ class Session:
         units += [{"state": "running", **record} for record in by_name.values()]
         models = [model_entry(m) for m in lsmode if isinstance(m, dict) and "mode" in m] \
             if isinstance(lsmode, list) else []
+        # Models this gateway is loading (converting first, the first time), with what the unit last reported.
+        loads = [{"mode": s.mode, "unit": s.unit, "stage": "loading", "percent": 0, **s.progress}
+                 for s in list(self.gw.served.values()) if s.state == "loading"]
         self.send({"type": "bus", "units": units, "tasks": tasks, "links": links(tasks), "hwinfo": hwinfo,
-                   "models": models, "error": running.get("error") if isinstance(running, dict) else None})
+                   "models": models, "loads": loads,
+                   "error": running.get("error") if isinstance(running, dict) else None})
 
     # voice -------------------------------------------------------------------------------------
     async def _first_model(self, kind: str) -> dict:

@@ -436,6 +436,14 @@ handlers.bus = (message) => {
   });
   rows("#tasks", message.tasks, (t) => [t.work_id, t.model || "", (t.inputs || []).join(", "), t.state || ""]);
   rows("#models", message.models, (m) => [m.mode, m.type, m.license || "not stated", m.capabilities.join(", ")]);
+  $("#loads-card").hidden = !message.loads.length;
+  $("#loads").replaceChildren(...message.loads.map((l) => {
+    const bar = el("progress", { max: 100, value: l.percent });
+    bar.setAttribute("aria-label", `${l.stage} ${l.mode}`);
+    const item = el("li", { textContent: `${l.mode} (${l.unit}): ${l.stage} ${l.percent} % ` }, bar);
+    item.dataset.stage = l.stage;
+    return item;
+  }));
   drawGraph(message.tasks, message.links);
   document.body.dataset.busUpdates = Number(document.body.dataset.busUpdates || 0) + 1;
   scheduleBus();
@@ -465,6 +473,8 @@ function drawGraph(tasks, links) {
   const width = Math.max(2 * W + GX + 20, 20 + Object.keys(columns).length * (W + GX) - GX);
   const height = Math.max(60, 20 + Math.max(1, ...Object.values(columns).map((c) => c.length)) * (H + GY));
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
   const title = node("title", { id: "graph-title" }, names.length
     ? `${names.length} tasks; ${links.length ? links.map((l) => `${l.from} feeds ${l.to}`).join("; ") : "no links"}` : "No tasks");
   const defs = node("defs", {});
@@ -472,6 +482,7 @@ function drawGraph(tasks, links) {
   marker.append(node("path", { d: "M0,0 L10,5 L0,10 z", fill: "#56606a" }));
   defs.append(marker);
   svg.replaceChildren(title, defs);
+  if (!names.length) svg.append(node("text", { x: 10, y: 35, class: "empty" }, "No tasks on the bus"));
   for (const l of links) {
     const a = where[l.from], b = where[l.to];
     if (!a || !b) continue;

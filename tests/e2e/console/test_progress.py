@@ -1,5 +1,5 @@
 """Conversion progress in the console: the first chat with a model that was never converted shows the
-conversion's percent (reported by the llm unit) and then the answer."""
+conversion's percent (reported by the llm unit), in the chat and in the bus view, and then the answer."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +13,7 @@ def test_first_setup_shows_conversion_progress(tmp_path, browser):
     cache = tmp_path / "empty-cache"  # nothing converted yet: the first setup converts the GGUF
     console = ConsoleStack(tmp_path / "stack", ["llm"], env={"UNITBUS_CACHE_DIR": str(cache)}).start()
     try:
+        bus_page = open_console(browser(), console, "Bus")  # another page watching the bus
         page = open_console(browser(), console)
         page.get_by_label("Max tokens").fill("8")
         page.get_by_label("Message").fill("Hello!")
@@ -21,8 +22,13 @@ def test_first_setup_shows_conversion_progress(tmp_path, browser):
                                ".includes('converting:')", timeout=120_000)
         assert page.locator("#messages li.assistant progress").count() == 1
         screenshot(page, "chat-converting")
+        # The bus view shows the same conversion.
+        bus_page.locator("#loads li[data-stage=converting] progress").wait_for(timeout=120_000)
+        assert "smollm2-135m-instruct (llm): converting" in bus_page.locator("#loads").inner_text()
+        screenshot(bus_page, "bus-converting")
         answer = page.locator("#messages li.assistant").last
         answer.and_(page.locator("[data-finish]")).wait_for(timeout=300_000)
+        bus_page.locator("#loads-card").wait_for(state="hidden", timeout=30_000)
         steps = [s.split(":") for s in answer.get_attribute("data-progress").split(",")]
         converting = [int(p) for stage, p in steps if stage == "converting"]
         # Several steps of the conversion were shown, in order, before the model loaded.
