@@ -118,3 +118,14 @@ def test_socket_bounds_the_requests_of_a_page(keyed_console):
         kinds = [a["type"] for a in answers]
         assert kinds.count("bus") == 16 and kinds.count("error") == 4
         assert {a["status"] for a in answers if a["type"] == "error"} == {429}
+
+
+def test_push_to_talk_without_a_microphone_says_so(llm_console, browser):
+    page = open_console(browser(), llm_console, "Voice")  # no fake device: this browser has no microphone
+    talk = page.get_by_role("button", name="Hold to talk")
+    talk.hover()
+    page.mouse.down()
+    status = page.locator("#voice-status")
+    page.wait_for_function("() => document.querySelector('#voice-status').textContent.startsWith('no microphone')")
+    page.mouse.up()
+    assert talk.get_attribute("aria-pressed") == "false" and "no microphone" in status.inner_text()
