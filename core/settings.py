@@ -75,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "log.level": "INFO",
     # HTTP gateways (http-apis.md): one process, one listener per API.
     "http.bind": "127.0.0.1",
+    "http.console": "openai",  # the web console: "openai" (at / of the OpenAI port), a port number, or "off"
     "http.openai.enabled": True,
     "http.openai.port": 8000,
     "http.ollama.enabled": True,

@@ -532,9 +532,9 @@ class Unit:
             raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
                             "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
         if params["progress"] and route:
-            task.state["progress"] = lambda percent: self.send_threadsafe(bus.Msg(
+            task.state["progress"] = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
-                                  {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
+                                  {"stage": stage, "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
         if epoch != self._epoch:  # sys restarted during the load: the client was told its setup failed
             raise UnitError(ErrorCode.UNIT_CALL, "sys restarted during the setup; set up again")

@@ -33,6 +33,7 @@ class UnitRecord:
     actions: set[str]
     version: str
     features: list[str]
+    pid: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -257,7 +258,8 @@ class Broker:
                 self._refused[identity] = time.monotonic()
                 self.send_to_peer(identity, bus.Control("refused", why))
                 return
-        record = again or UnitRecord(identity, hello.name, names, set(hello.actions), hello.version, hello.features)
+        record = again or UnitRecord(identity, hello.name, names, set(hello.actions), hello.version, hello.features,
+                                     hello.pid)
         record.names, record.actions, record.version, record.features = names, set(hello.actions), hello.version, \
             hello.features
         self.workers[identity] = record

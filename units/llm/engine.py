@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -424,15 +424,16 @@ class LlmEngine:
         return np.asarray(vector, dtype=np.float32)
 
 
-def load_llm(params: Mapping[str, Any]) -> LlmEngine:
+def load_llm(params: Mapping[str, Any], report: Callable[[int], None] | None = None) -> LlmEngine:
     """An engine from a manifest's merged mode_param: "gguf" (pkg://... or an absolute path; converted
-    once into the cache) or "model_dir" (an already converted folder), "context_length", "threads"."""
+    once into the cache, `report(percent)` following a conversion) or "model_dir" (an already converted
+    folder), "context_length", "threads"."""
     if params.get("model_dir"):
         model_dir = Path(params["model_dir"])
     else:
         from models.gguf_llama import ensure_converted, gguf_path_of
 
-        model_dir = ensure_converted(gguf_path_of(params), progress=False)
+        model_dir = ensure_converted(gguf_path_of(params), progress=False, report=report)
     threads = int(params["threads"]) if params.get("threads") else None
     ctx = int(params["context_length"]) if params.get("context_length") else None
     return LlmEngine(model_dir, threads=threads, context_length=ctx)
