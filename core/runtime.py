@@ -64,7 +64,8 @@ def create_session(
         so.add_session_config_entry(key, value)
     chosen = choose_providers(ort.get_available_providers(), providers)
     source = model if isinstance(model, bytes) else str(model)
-    log.debug("onnxruntime session %s on %s with %d threads", "<bytes>" if isinstance(model, bytes) else model, chosen, so.intra_op_num_threads)
+    log.debug("onnxruntime session %s on %s with %d threads", "<bytes>" if isinstance(model, bytes) else model, chosen,
+              so.intra_op_num_threads)
     return ort.InferenceSession(source, sess_options=so, providers=chosen)
 
 

@@ -311,7 +311,8 @@ class _Graph:
         packed = np.concatenate([w.packed for w in weights], axis=0)
         scales = np.concatenate([w.scales for w in weights], axis=0)
         y = self.op("MatMulNBits", [x, self.const(packed, f"{hint}_b"), self.const(scales, f"{hint}_s")],
-                    outs if first.offset is None else 1, domain="com.microsoft", K=k, N=n, bits=first.bits, block_size=BLOCK, accuracy_level=4)
+                    outs if first.offset is None else 1, domain="com.microsoft", K=k, N=n, bits=first.bits, block_size=BLOCK,
+                    accuracy_level=4)
         if first.offset is None:
             return y
         # Q4_1: add sum over blocks of (block sum of x) * (m + 8d). The block means come from one

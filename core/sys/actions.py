@@ -19,7 +19,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core import bus
 from core.envelope import Request, Response, error_reply, reply, stream_data

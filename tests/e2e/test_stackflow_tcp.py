@@ -12,7 +12,8 @@ from support import StackFlowClient
 
 pytestmark = pytest.mark.e2e
 
-CANONICAL = re.compile(rb'^\{"created":\d+,"data":.*,"error":\{"code":-?\d+,"message":".*"\},"object":".*","request_id":".*","work_id":".*"\}\n$')
+CANONICAL = re.compile(rb'^\{"created":\d+,"data":.*,"error":\{"code":-?\d+,"message":".*"\},'
+                       rb'"object":".*","request_id":".*","work_id":".*"\}\n$')
 
 
 def setup_skel(client, request_id="s", **data):

@@ -350,7 +350,8 @@ class PiperModel:
     def run(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
         """The whole piece's audio, float32 at `rate` (decoded in spans of at most MAX_DECODE_FRAMES)."""
         if self.decoder is None:
-            return self.session.run(None, self._feeds(ids, noise_scale, length_scale, noise_w))[0].reshape(-1).astype(np.float32, copy=False)
+            feeds = self._feeds(ids, noise_scale, length_scale, noise_w)
+            return self.session.run(None, feeds)[0].reshape(-1).astype(np.float32, copy=False)
         frames = self.frames(ids, noise_scale, length_scale, noise_w)
         parts = [self.decode(frames, a, b) for a, b in chunk_spans(frames.shape[2], MAX_DECODE_FRAMES)]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)

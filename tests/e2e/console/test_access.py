@@ -5,6 +5,7 @@ import json
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from consolekit import ConsoleStack, open_console, screenshot
@@ -53,7 +54,7 @@ def test_socket_refuses_a_missing_key_and_survives_bad_input(keyed_console):
         ws.send(json.dumps({"type": "hello", "key": "nope"}))
         refused = json.loads(ws.recv(timeout=10))
         assert refused["code"] == "invalid_api_key" and refused["status"] == 401
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
         assert ws.close_code == 4401
     with connect(socket_url(keyed_console)) as ws:
