@@ -61,7 +61,7 @@ class Connection:
         try:
             request = decode_request(frame.data)
         except EnvelopeError as exc:
-            self.send(error_reply(exc.request_id, "sys", exc))
+            self.send(error_reply(exc.request_id, exc.work_id, exc))
             return
         self.client.submit(request, self.conn, binary=frame.raw)
 
