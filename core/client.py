@@ -142,8 +142,13 @@ class BusClient:
                 message = await sock.recv()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a malformed frame from the bus must not stop the client
-                log.exception("bad bus message")
+            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
+                continue
+            except bus.BadMessage as exc:  # a malformed frame from the bus must not stop the client
+                log.error("bad bus message dropped: %s", exc)
+                continue
+            except Exception:  # a bug in receiving must not stop the loop
+                log.exception("bus receive failed")
                 continue
             self._last_seen = time.monotonic()
             if isinstance(message, bus.Msg):

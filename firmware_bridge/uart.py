@@ -166,9 +166,13 @@ class UartBridge:
                 return
             try:
                 if kind == "data":
-                    self.port.write(item)  # one message per write (spec §4.3 rule 8)
-                    with self._pending_lock:
-                        self._pending -= len(item)
+                    try:
+                        self.port.write(item)  # one message per write (spec §4.3 rule 8)
+                    finally:
+                        # Written or lost, the bytes no longer wait: a failed write must not leave the
+                        # count high, or every later output would be dropped as if the host were slow.
+                        with self._pending_lock:
+                            self._pending -= len(item)
                 elif kind == "settings":
                     self.port.flush()
                     self.port.apply_settings(serial_settings(item))
