@@ -9,9 +9,9 @@ import logging
 from typing import Callable
 
 from core.client import BusClient
-from core.envelope import NONE, EnvelopeError, Response, decode_request, error_reply
+from core.envelope import NONE, EnvelopeError, Response, decode_request, error_reply, is_request
 from core.errors import ErrorCode
-from core.framing import Frame, Framer
+from core.framing import Frame, Framer, FramingError, nested_requests
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,14 @@ class Connection:
         self.closed = False
 
     def received(self, chunk: bytes) -> None:
-        for event in self.framer.feed(chunk):
+        self._events(self.framer.feed(chunk))
+
+    def check_idle(self) -> None:
+        self._events(self.framer.check_idle())
+        self._report_drops()
+
+    def _events(self, events: list[Frame | FramingError]) -> None:
+        for event in events:
             if isinstance(event, Frame):
                 try:
                     self._frame(event)
@@ -52,16 +59,14 @@ class Connection:
             else:
                 self.send(error_reply(event.request_id, "sys", event.code, event.detail or None))
 
-    def check_idle(self) -> None:
-        for event in self.framer.check_idle():
-            self.send(error_reply(event.request_id, "sys", event.code, event.detail or None))
-        self._report_drops()
-
     def _frame(self, frame: Frame) -> None:
         try:
             request = decode_request(frame.data)
         except EnvelopeError as exc:
             self.send(error_reply(exc.request_id, exc.work_id, exc))
+            if not is_request(frame.data):  # garbage that swallowed requests: answer them (spec §13.1 rule 7)
+                for nested in nested_requests(frame.data):
+                    self._frame(Frame(nested))
             return
         self.client.submit(request, self.conn, binary=frame.raw)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 
@@ -13,6 +14,7 @@ from core.envelope import Response
 from core.settings import Settings
 from firmware_bridge.connection import Connection
 from firmware_bridge.uart import UartBridge
+from support import StackFlowClient
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +77,38 @@ def test_a_bus_reconnect_logs_a_warning_and_no_traceback(tmp_path, caplog):
         asyncio.run(run())
     assert sum("reconnecting" in r.getMessage() for r in caplog.records) >= 3
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+def brace_garbage(rng: random.Random) -> bytes:
+    """A random frame of garbage with braces (strings in it are whole: none is left open)."""
+    pieces = []
+    for _ in range(rng.randint(1, 8)):
+        roll = rng.random()
+        if roll < 0.15:
+            pieces.append('"' + "".join(rng.choice("ab {}:") for _ in range(rng.randint(0, 5))).replace("{", "").replace("}", "") + '"')
+        elif roll < 0.3:
+            pieces.append(rng.choice(['{"a":', '{"a":[', ",", ":", "[", "]", "1", "tru"]))
+        else:
+            pieces.append("".join(rng.choice("{}{}[]:,ab1 \n#") for _ in range(rng.randint(1, 6))))
+    return "".join(pieces).encode()
+
+
+def test_a_thousand_pings_among_ten_thousand_garbage_frames_are_all_answered(stack_factory):
+    stack = stack_factory(["skel"], {"framing.idle_reset_s": "1"})
+    rng = random.Random(14)
+    pings = {f"p{n}" for n in range(1000)}
+    order = ["g"] * 10000 + sorted(pings)
+    rng.shuffle(order)
+    stream = b"".join(brace_garbage(rng) if item == "g" else
+                      b'{"request_id":"%s","work_id":"sys","action":"ping"}%s' % (item.encode(), rng.choice([b"", b"\n"]))
+                      for item in order)
+    with StackFlowClient(stack.port, timeout=30) as c:
+        sender = threading.Thread(target=c.sock.sendall, args=(stream,))
+        sender.start()
+        seen: set[str] = set()
+        while not pings <= seen:
+            message = c.read(timeout=30)
+            if message["error"]["code"] == 0:
+                seen.add(message["request_id"])
+        sender.join()
+    assert seen == pings  # every ping answered, and nothing else answered as if it were one
