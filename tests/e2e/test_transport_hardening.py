@@ -112,3 +112,97 @@ def test_a_thousand_pings_among_ten_thousand_garbage_frames_are_all_answered(sta
                 seen.add(message["request_id"])
         sender.join()
     assert seen == pings  # every ping answered, and nothing else answered as if it were one
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError(pid)
+
+
+def test_floods_from_clients_that_never_read_keep_the_bridge_small_and_others_answered(skel_stack):
+    bridge = skel_stack.pid_of("bridge")
+    with StackFlowClient(skel_stack.port) as pinger:
+        assert pinger.request({"request_id": "warm", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+        before = rss_kib(bridge)
+        flood = StackFlowClient(skel_stack.port)  # 2 million empty frames, never reads its error replies
+        greedy = StackFlowClient(skel_stack.port)  # 100,000 pings, never reads the answers
+        senders = [threading.Thread(target=flood.sock.sendall, args=(b"{}" * 2_000_000,), daemon=True),
+                   threading.Thread(target=greedy.sock.sendall, daemon=True,
+                                    args=(b'{"request_id":"g","work_id":"sys","action":"ping"}' * 100_000,))]
+        for sender in senders:
+            sender.start()
+        peak = before
+        try:
+            for n in range(200):
+                reply = pinger.request({"request_id": f"p{n}", "work_id": "sys", "action": "ping"}, timeout=30)
+                assert reply["error"]["code"] == 0
+                peak = max(peak, rss_kib(bridge))
+        finally:
+            flood.close()
+            greedy.close()
+        for sender in senders:
+            sender.join(10)
+        assert pinger.request({"request_id": "after", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+    # Unbounded, the error replies alone were 240 MB; bounded, the bridge holds about a read and 1 MiB of output.
+    assert peak - before < 40 * 1024, f"bridge grew from {before} to {peak} KiB"
+
+
+def test_error_replies_without_a_request_id_are_rate_limited_and_counted(skel_stack):
+    with StackFlowClient(skel_stack.port) as c:
+        c.send(b"{}" * 5000 + b'{"request_id":"last","work_id":"sys","action":"ping"}')
+        errors = []
+        while True:
+            message = c.read(timeout=30)
+            if message["request_id"] == "last":
+                break
+            errors.append(message)
+        assert 0 < len(errors) < 200 and all(m["error"]["code"] == -2 for m in errors)
+        errors.append(c.read(timeout=30))  # once the limit allows: how many of the last ones were not sent
+        assert errors[-1]["request_id"] == "0" and "not sent (rate limit)" in errors[-1]["error"]["message"]
+        notes = [m["error"]["message"].split("; ")[1] for m in errors if "; " in m["error"]["message"]]
+        # Every error was sent or counted (the last message is only the count).
+        assert len(errors) - 1 + sum(int(note.split()[0]) for note in notes) == 5000
+
+
+def test_one_address_cannot_take_every_connection_slot(stack_factory):
+    stack = stack_factory(["skel"], {"tcp.max_connections": "4", "tcp.max_connections_per_address": "2"})
+    deadline = time.monotonic() + 10
+    while True:  # `unitbus up` probed the port before announcing itself: wait until that slot is free
+        mine = [StackFlowClient(stack.port) for _ in range(4)]
+        try:
+            if all(c.request({"request_id": "1", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+                   for c in mine):
+                break
+        except ConnectionError:
+            pass
+        for c in mine:
+            c.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    owner = mine[0]  # owns a task: never the one closed to make room
+    assert owner.request({"request_id": "s", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})["error"]["code"] == 0
+    try:
+        with StackFlowClient(stack.port) as fifth:  # the same address, over its share: refused
+            refused = fifth.read()
+            assert refused["error"]["code"] == -10 and "too many connections" in refused["error"]["message"]
+        with StackFlowClient(stack.port, source=("127.0.0.2", 0)) as other:  # another address gets a slot
+            assert other.request({"request_id": "2", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+        with pytest.raises(ConnectionError):
+            mine[1].read(timeout=30)  # the quietest connection without a task made room, without a message
+        for c in (owner, *mine[2:]):
+            assert c.request({"request_id": "3", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+    finally:
+        for c in mine:
+            c.close()
+
+
+def test_idle_connections_without_a_task_are_closed(stack_factory):
+    stack = stack_factory(["skel"], {"tcp.idle_timeout_s": "1"})
+    with StackFlowClient(stack.port) as idle, StackFlowClient(stack.port) as owner:
+        setup = owner.request({"request_id": "s", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        assert setup["error"]["code"] == 0
+        with pytest.raises(ConnectionError):
+            idle.read(timeout=30)  # closed by the bridge, without a message
+        assert owner.request({"request_id": "p", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
