@@ -94,6 +94,10 @@ class BusClient:
         self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
         return tag
 
+    def in_flight(self, tag: int) -> bool:
+        """Whether the request `submit` returned this tag for has not ended yet."""
+        return tag in self._pending
+
     async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
                      timeout: float | None = None) -> AsyncIterator[Response]:
         """Every message the request produces, until the final one."""

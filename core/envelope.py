@@ -142,10 +142,11 @@ class EnvelopeError(UnitError):
     """A frame that is not a valid request (dispatch steps 1 and 2, or a value the bus cannot carry);
     carries the request_id and work_id to echo."""
 
-    def __init__(self, request_id: str, detail: str | None = None, work_id: str = "sys"):
+    def __init__(self, request_id: str, detail: str | None = None, work_id: str = "sys", request: bool = False):
         super().__init__(ErrorCode.JSON_FORMAT, detail)
         self.request_id = request_id
         self.work_id = work_id
+        self.request = request  # the frame is a request (steps 1 and 2 passed); a value in it is not carriable
 
 
 def _has_surrogate(text: str) -> bool:
@@ -221,7 +222,7 @@ def decode_request(frame: bytes) -> Request:
     obj = _envelope(frame)
     why = uncarriable(obj)
     if why is not None:
-        raise EnvelopeError(obj["request_id"], why, obj["work_id"] or "sys")
+        raise EnvelopeError(obj["request_id"], why, obj["work_id"] or "sys", request=True)
     token = obj.get("token")
     return Request(
         request_id=obj["request_id"],

@@ -294,6 +294,8 @@ def _binary_header(data: bytes) -> tuple[str, int, dict] | None:
 def nested_requests(frame: bytes) -> list[bytes]:
     """The complete requests (spec §6 steps 1 and 2) nested in a frame that failed, outermost first, in
     order (spec §13.1 rule 7). Binary headers are not among them: their payload was scanned as JSON."""
+    if frame.find(b'"action"', 1) < 0:  # the common case: nothing that could be a request
+        return []
     spans: list[tuple[int, int]] = []
     opens: list[int] = []
     in_string = False

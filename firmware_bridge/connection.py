@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from core.client import BusClient
-from core.envelope import NONE, EnvelopeError, Response, decode_request, error_reply, is_request
+from core.envelope import NONE, EnvelopeError, Response, decode_request, error_reply
 from core.errors import ErrorCode, UnitError
 from core.framing import Frame, Framer, FramingError, nested_requests
 from core.settings import Settings
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # counted and the count is told with the next one sent.
 ERROR_BURST = 32
 ERROR_RATE_PER_S = 32.0
+# A connection with this many requests on the bus is not read from until some end (spec §14.2), so a
+# client that pipelines without reading cannot queue unbounded work ahead of everyone else's.
+MAX_IN_FLIGHT = 256
 
 
 def escapes_braces(setting: object, kind: str) -> bool:
@@ -55,6 +58,7 @@ class Connection:
         self._error_refill_at = self.last_activity
         self._errors_suppressed = 0
         self._suppressed_code = ErrorCode.JSON_FORMAT
+        self._in_flight: set[int] = set()  # tags of submitted requests, pruned when it reaches MAX_IN_FLIGHT
 
     def received(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -65,6 +69,12 @@ class Connection:
         self._report_drops()
         if self._errors_suppressed and self._error_allowed():
             self._send_error("0", "sys", UnitError(self._suppressed_code))
+
+    def busy(self) -> bool:
+        """MAX_IN_FLIGHT requests of this connection have not ended: read nothing more for now."""
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._in_flight = {tag for tag in self._in_flight if self.client.in_flight(tag)}
+        return len(self._in_flight) >= MAX_IN_FLIGHT
 
     @property
     def idle_s(self) -> float:
@@ -108,7 +118,7 @@ class Connection:
             request = decode_request(frame.data)
         except EnvelopeError as exc:
             self._send_error(exc.request_id, exc.work_id, exc)
-            if not is_request(frame.data):  # garbage that swallowed requests: answer them (spec §13.1 rule 7)
+            if not exc.request:  # garbage that swallowed requests: answer them (spec §13.1 rule 7)
                 for nested in nested_requests(frame.data):
                     self._frame(Frame(nested))
             return
@@ -116,7 +126,7 @@ class Connection:
             self._setups.add(request.request_id)
         elif request.action == "exit":
             self._exits[request.request_id] = request.work_id
-        self.client.submit(request, self.conn, binary=frame.raw)
+        self._in_flight.add(self.client.submit(request, self.conn, binary=frame.raw))
 
     def deliver(self, response: Response, final: bool) -> None:
         """A message from the bus for this connection. Outputs (not replies) may be dropped for a slow reader."""

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_S = 1.0
 # Fairness (spec §14.2): a connection's received bytes are framed a piece at a time, for at most TURN_S
 # per turn of the event loop, then the other connections and the bus get their turn.
-PIECE_BYTES = 1024
-TURN_S = 0.002
+PIECE_BYTES = 128
+TURN_S = 0.0005
+BUSY_RETRY_S = 0.005  # how soon a connection with too many requests in flight is looked at again
 
 
 def per_address_share(settings: Settings) -> int:
@@ -125,7 +126,8 @@ class _Protocol(asyncio.Protocol):
         if self.connection is None:
             return
         self.backlog += data
-        self._take_turn()
+        if self._turn is None:  # else a turn is already due
+            self._take_turn()
 
     def _take_turn(self) -> None:
         self._turn = None
@@ -133,7 +135,11 @@ class _Protocol(asyncio.Protocol):
         if connection is None or connection.closed:
             return
         deadline = time.monotonic() + TURN_S
+        busy = False
         while self.backlog and self._writable:
+            if connection.busy():
+                busy = True
+                break
             piece = bytes(self.backlog[:PIECE_BYTES])
             del self.backlog[:PIECE_BYTES]
             try:
@@ -142,7 +148,9 @@ class _Protocol(asyncio.Protocol):
                 log.exception("%s: frame handling failed", connection.label)
             if time.monotonic() >= deadline:
                 break
-        if self.backlog and self._writable:
+        if busy:
+            self._turn = asyncio.get_running_loop().call_later(BUSY_RETRY_S, self._take_turn)
+        elif self.backlog and self._writable:
             self._turn = asyncio.get_running_loop().call_soon(self._take_turn)
         self._set_reading(self._writable and not self.backlog)
 
