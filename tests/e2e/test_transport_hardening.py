@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
 import time
 
 import pytest
+import serial
 
 from core.client import BusClient
 from core.envelope import Response
@@ -213,3 +215,32 @@ def test_idle_connections_without_a_task_are_closed(stack_factory):
         with pytest.raises(ConnectionError):
             idle.read(timeout=30)  # closed by the bridge, without a message
         assert owner.request({"request_id": "p", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+
+
+def test_an_mcu_that_never_reads_is_held_back_and_tcp_clients_are_answered(stack_factory, pty_pair):
+    board, mcu = pty_pair
+    stack = stack_factory(["skel"], {"uart.enabled": "true", "uart.device": str(board)})
+    bridge = stack.pid_of("bridge")
+    with serial.Serial(str(mcu), 115200, timeout=0.1, write_timeout=None) as port, \
+            StackFlowClient(stack.port) as pinger:
+        assert pinger.request({"request_id": "warm", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+        before = peak = rss_kib(bridge)
+
+        def flood() -> None:
+            try:
+                port.write(b'{"request_id":"u","work_id":"sys","action":"ping"}' * 100_000)
+            except Exception:  # pyserial raises several kinds when the port is closed under a blocked write
+                pass
+
+        writer = threading.Thread(target=flood, daemon=True)
+        writer.start()
+        n, watch_until = 0, time.monotonic() + 4  # long enough for an unbounded queue to grow by far more
+        while n < 300 or time.monotonic() < watch_until:
+            assert pinger.request({"request_id": f"p{n}", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
+            peak = max(peak, rss_kib(bridge))
+            n += 1
+        assert writer.is_alive()  # backpressure: the bridge stopped reading, so the MCU's write is held
+        first = json.loads(port.readline())  # the MCU's answers were held, not lost
+        assert first["request_id"] == "u" and first["error"]["code"] == 0
+    # Unbounded, the answers queued for the UART writer grew by 8 MB in those seconds (13 MB in all).
+    assert peak - before < 4 * 1024, f"bridge grew from {before} to {peak} KiB"
