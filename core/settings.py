@@ -14,9 +14,13 @@ import difflib
 import json
 import logging
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from core import rundir
+from core.rundir import RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -248,17 +252,33 @@ class Settings:
                 raise SettingsError(f"{source}: unknown setting {key}{hint}")
 
     def run_dir(self) -> Path:
-        if self["bus.run_dir"]:
-            path = Path(self["bus.run_dir"])
-        elif os.access("/run", os.W_OK):
-            path = Path("/run/unitbus")
-        else:
-            path = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unitbus-{os.getuid()}") / "unitbus"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """The bus's run directory, created or checked owner-only (core/rundir.py)."""
+        try:
+            return rundir.prepare(Path(self["bus.run_dir"]) if self["bus.run_dir"] else rundir.default_path())
+        except (RunDirError, OSError) as exc:
+            raise SettingsError(f"bus.run_dir: {exc}") from None
+
+    def bus_key(self) -> str:
+        """The registration key every process sends in its hello (core/rundir.py)."""
+        try:
+            return rundir.key(self.run_dir())
+        except (RunDirError, OSError) as exc:
+            raise SettingsError(f"bus key: {exc}") from None
 
     def bus_endpoint(self) -> str:
         return self["bus.endpoint"] or f"ipc://{self.run_dir() / 'sys.sock'}"
+
+
+def load_for_process(prog: str, config: str | None, overrides: Iterable[str]) -> Settings:
+    """A process's settings, its run dir and key checked: a bad setting or an untrusted run dir ends the
+    process with one line saying what is wrong (exit status 2), not a traceback."""
+    try:
+        settings = Settings.load(config, overrides)
+        settings.bus_key()
+    except SettingsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:

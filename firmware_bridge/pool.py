@@ -124,9 +124,7 @@ class TaskPool:
                  abort_load_on_disconnect: bool = False):
         self.settings = settings
         self.name = name
-        self.client = client or BusClient(settings.bus_endpoint(), name=name,
-                                          heartbeat_s=float(settings["bus.heartbeat_s"]),
-                                          liveness_s=float(settings["bus.liveness_s"]))
+        self.client = client or BusClient.for_settings(settings, name)
         self.store = ManifestStore(settings.as_dict())
         self.served: dict[tuple[str, str], Served] = {}
         self.running: dict[str, Served] = {}  # request_id -> task, for cancel()
