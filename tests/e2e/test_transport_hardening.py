@@ -244,3 +244,14 @@ def test_an_mcu_that_never_reads_is_held_back_and_tcp_clients_are_answered(stack
         assert first["request_id"] == "u" and first["error"]["code"] == 0
     # Unbounded, the answers queued for the UART writer grew by 8 MB in those seconds (13 MB in all).
     assert peak - before < 4 * 1024, f"bridge grew from {before} to {peak} KiB"
+
+
+def test_values_the_bus_cannot_carry_are_answered_minus_2_with_the_clients_ids(skel_stack):
+    deep = b"[" * 100 + b"]" * 100
+    with StackFlowClient(skel_stack.port) as c:
+        for n, data in enumerate([b"18446744073709551616", b"9223372036854775808", b"-9223372036854775809",
+                                  b"NaN", b"[Infinity]", deep, b'"\\ud800"', b'{"\\udfff":1}']):
+            c.send(b'{"request_id":"v%d","work_id":"skel.1000","action":"inference","data":%s}' % (n, data))
+            reply = c.read_for(f"v{n}")
+            assert (reply["error"]["code"], reply["work_id"]) == (-2, "skel.1000"), (data, reply)
+        assert c.request({"request_id": "p", "work_id": "sys", "action": "ping"})["error"]["code"] == 0
