@@ -179,14 +179,16 @@ class Framer:
         JSON text can have there (broke), or at the end of the chunk. Strings are crossed with one search."""
         n = len(chunk)
         stack, expect = self._stack, self._expect
+        in_string, escaped, key, scalar_open = self._in_string, self._escaped, self._key, self._scalar_open
+        token, in_string_stop = _TOKEN.match, _IN_STRING.search
         try:
             while j < n:
-                if self._in_string:
-                    if self._escaped:
-                        self._escaped = False
+                if in_string:
+                    if escaped:
+                        escaped = False
                         j += 1
                         continue
-                    m = _IN_STRING.search(chunk, j)
+                    m = in_string_stop(chunk, j)
                     if m is None:
                         return n, False
                     j = m.start()
@@ -194,38 +196,38 @@ class Framer:
                     if b == _NEWLINE:
                         return j, False
                     if b == _BACKSLASH:
-                        self._escaped = True
+                        escaped = True
                     else:
-                        self._in_string = False
-                        expect = _COLON_NEXT if self._key else _AFTER_VALUE
+                        in_string = False
+                        expect = _COLON_NEXT if key else _AFTER_VALUE
                     j += 1
                     continue
-                m = _TOKEN.match(chunk, j)
+                m = token(chunk, j)
                 kind = m.lastindex
                 if kind is None:  # only whitespace up to the end of the chunk
                     return n, False
                 pos = m.start(kind)
                 if kind == 2:
-                    if not (self._scalar_open and pos == 0):  # else: the rest of a value cut by the last chunk
+                    if not (scalar_open and pos == 0):  # else: the rest of a value cut by the last chunk
                         if expect != _VALUE and expect != _VALUE_OR_END:
                             return pos, True
                         expect = _AFTER_VALUE
-                    self._scalar_open = m.end() == n
                     j = m.end()
+                    scalar_open = j == n
                     continue
-                self._scalar_open = False
+                scalar_open = False
                 if kind == 3:
                     return pos, True
                 b = chunk[pos]
                 j = pos + 1
                 if b == _QUOTE:
                     if expect == _KEY_OR_END or expect == _KEY:
-                        self._key = True
+                        key = True
                     elif expect == _VALUE or expect == _VALUE_OR_END:
-                        self._key = False
+                        key = False
                     else:
                         return pos, True
-                    self._in_string = True
+                    in_string = True
                 elif b == _OPEN or b == _LBRACKET:
                     if expect != _VALUE and expect != _VALUE_OR_END:
                         return pos, True
@@ -250,6 +252,7 @@ class Framer:
             return n, False
         finally:
             self._expect = expect
+            self._in_string, self._escaped, self._key, self._scalar_open = in_string, escaped, key, scalar_open
 
     def _complete(self, data: bytes, events: list) -> None:
         if b'"RAW"' in data[:64] or b'"BON"' in data[:64]:
