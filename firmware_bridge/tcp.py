@@ -79,7 +79,11 @@ class TcpServer:
                 if self.idle_timeout_s > 0 and connection.idle_s >= self.idle_timeout_s and not connection.tasks:
                     log.info("%s: closed after %.0f s without traffic and without a task", connection.label,
                              connection.idle_s)
-                    protocol.transport.close()
+                    if protocol.transport.get_write_buffer_size():
+                        protocol.transport.abort()  # it reads nothing: close() would wait for it forever
+                    else:
+                        protocol.transport.close()
+                    protocol.release()
 
     async def close(self) -> None:
         if self._idle_task:
