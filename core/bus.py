@@ -51,11 +51,22 @@ class Message:
 
     @staticmethod
     def decode(frames: list[bytes]) -> "Message":
-        body = msgpack.unpackb(frames[0], raw=False, unicode_errors="surrogatepass")
-        cls = Message.registry[body.pop("t")]
-        if len(frames) > 1:
-            body["binary"] = frames[1]
-        return cls(**body)
+        try:
+            body = msgpack.unpackb(frames[0], raw=False, unicode_errors="surrogatepass")
+            cls = Message.registry[body.pop("t")]
+            if len(frames) > 1:
+                body["binary"] = frames[1]
+            return cls(**body)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, msgpack.UnpackException) as exc:
+            raise BadMessage(f"{type(exc).__name__}: {exc}") from None
+
+
+class BadMessage(ValueError):
+    """Frames that are not a bus message (a peer's bug or a foreign sender): dropped by the receiver."""
+
+
+class SocketClosed(Exception):
+    """The socket was closed, by a reconnect that replaced it, while a receiver waited on it."""
 
 
 @dataclass
@@ -195,6 +206,8 @@ class _LoopSocket:
 
     async def recv_frames(self) -> list[bytes]:
         while True:
+            if self.sock.closed:
+                raise SocketClosed()
             try:
                 return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -215,11 +228,11 @@ class _LoopSocket:
                 self._wake()
 
     def close(self, linger_s: float = 0.0) -> None:
-        """Close; a receiver still waiting gets ZMQError(ENOTSOCK) (its loop then moves to a new socket)."""
+        """Close; a receiver still waiting gets SocketClosed (its loop then moves to the new socket)."""
         self._loop.remove_reader(self._fd)
         self.sock.close(linger=int(linger_s * 1000))
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK))
+            self._waiter.set_exception(SocketClosed())
 
 
 class RouterSocket:

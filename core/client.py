@@ -113,6 +113,10 @@ class BusClient:
         self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
         return tag
 
+    def in_flight(self, tag: int) -> bool:
+        """Whether the request `submit` returned this tag for has not ended yet."""
+        return tag in self._pending
+
     async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
                      timeout: float | None = None) -> AsyncIterator[Response]:
         """Every message the request produces, until the final one."""
@@ -161,8 +165,13 @@ class BusClient:
                 message = await sock.recv()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a malformed frame from the bus must not stop the client
-                log.exception("bad bus message")
+            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
+                continue
+            except bus.BadMessage as exc:  # a malformed frame from the bus must not stop the client
+                log.error("bad bus message dropped: %s", exc)
+                continue
+            except Exception:  # a bug in receiving must not stop the loop
+                log.exception("bus receive failed")
                 continue
             self._last_seen = time.monotonic()
             if isinstance(message, bus.Msg):

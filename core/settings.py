@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "tcp.port": 10001,
     "tcp.bind": "127.0.0.1",
     "tcp.max_connections": 16,
+    "tcp.max_connections_per_address": 0,  # share kept when all slots are taken; 0: half of tcp.max_connections
+    "tcp.idle_timeout_s": 300.0,  # close a connection without a task that sent and got nothing; 0: never
     "tcp.cancel_on_disconnect": True,
     "tasks.reclaim_orphans": True,  # a full unit's setup exits idle, unlinked tasks whose owner left
     "uart.enabled": "auto",

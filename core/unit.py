@@ -361,8 +361,13 @@ class Unit:
                 message = await self.sock.recv()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("undecodable bus message dropped")
+            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
+                continue
+            except bus.BadMessage as exc:
+                log.error("undecodable bus message dropped: %s", exc)
+                continue
+            except Exception:  # a bug in receiving must not stop the loop
+                log.exception("bus receive failed")
                 continue
             self._last_from_sys = time.monotonic()
             refused = isinstance(message, bus.Control) and message.op == "refused"
