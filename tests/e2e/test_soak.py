@@ -193,7 +193,7 @@ def http_client(url: str, stop: threading.Event, outcome: dict) -> None:
         try:
             stream = client.chat.completions.create(model=MODEL, stream=True, max_tokens=8, temperature=0,
                                                     messages=[{"role": "user", "content": f"Count to {n}."}])
-            for i, chunk in enumerate(stream):
+            for i, _chunk in enumerate(stream):
                 if n % 3 == 0 and i == 1:
                     stream.close()  # leaves mid-stream
                     outcome["left"] += 1
