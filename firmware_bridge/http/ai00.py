@@ -33,6 +33,7 @@ from firmware_bridge.http.schemas import (
     Body,
     MaxTokens,
     OpenAIError,
+    Seed,
     Stop,
     Temperature,
     Texts,
@@ -125,6 +126,8 @@ def common_data(body: dict, manifest: dict) -> dict[str, Any]:
         for key, default in sampling.AI00_FLAT_DEFAULTS.items():
             value = body.get(key)
             data[key] = default if value is None else value
+    if body.get("seed") is not None:
+        data["seed"] = body["seed"]
     bias = body.get("bias", body.get("logit_bias"))
     if bias:
         if not isinstance(bias, dict):
@@ -209,6 +212,7 @@ class Generation(Body):
     top_p: TopP = None
     top_k: TopK = None
     temperature: Temperature = None
+    seed: Seed = None
     bias: Optional[dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]]] = None
     logit_bias: Optional[dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]]] = None
     bnf_schema: Optional[str] = None

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from http import HTTPStatus
 from typing import Any, Callable
@@ -185,6 +186,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
 def json_depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value, without recursion (a scalar is 0)."""
     depth, level = 0, [(value, 1)]
@@ -199,14 +207,14 @@ def json_depth(value: Any) -> int:
 
 
 def check_json(raw: bytes) -> None:
-    """A JSON body every route can take, or GatewayError(400): strict UTF-8, standard JSON (no NaN), nesting
+    """A JSON body every route can take, or GatewayError(400): strict UTF-8, standard JSON with finite numbers, nesting
     up to MAX_JSON_DEPTH, no lone UTF-16 surrogates (the bus encodes strings as UTF-8)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise GatewayError(400, f"invalid JSON body: not UTF-8 at byte {exc.start}") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise GatewayError(400, f"invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
