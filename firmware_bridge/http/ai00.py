@@ -9,7 +9,7 @@ import uuid
 from typing import Annotated, Any, AsyncIterator, Literal, Optional
 
 from fastapi import APIRouter, FastAPI
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -250,6 +250,12 @@ class EmbedsRequest(Body):
 class ExchangeRequest(Body):
     app_id: str
     app_secret: str
+
+
+class Exchanged(BaseModel):
+    token: Optional[str]
+    code: int
+    message: str
 
 
 class LoadRequest(Body):
@@ -509,7 +515,8 @@ router.add_api_route("/api/models/info", models_info, methods=["GET"])
 router.add_api_route("/api/models/list", models_list, methods=["GET"])
 router.add_api_route("/api/models/state", models_state, methods=["GET"],
                      responses={200: {"content": SSE, "description": "the model state every 0.5 s, never ending"}})
-router.add_api_route("/api/auth/exchange", exchange, methods=["POST"])
+router.add_api_route("/api/auth/exchange", exchange, methods=["POST"], response_model=Exchanged,
+                     responses={403: {"model": Exchanged, "description": "no app_id/app_secret pair matches"}})
 router.add_api_route("/admin/models/load", load, methods=["POST"])
 router.add_api_route("/admin/models/unload", unload, methods=["GET"])
 router.add_api_route("/admin/models/save", not_rwkv, methods=["POST"], description="unsupported: always 501")

@@ -56,6 +56,10 @@ class DownloadRequest(Body):
     model: Optional[str] = None
 
 
+class Message(BaseModel):
+    message: str
+
+
 class Error(BaseModel):
     message: str
     error: str
@@ -231,15 +235,17 @@ async def delete(request: Request, model_id: str) -> Response:
 
 
 # Order matters where paths overlap: the fixed /v1/models/... routes come before /v1/models/{model_id}.
+NO_SOURCE = "an installed model succeeds at once; downloading any other is unsupported (501: no model source)"
 router = APIRouter(responses=error_responses(Error), tags=["cortex"])
 router.add_api_route("/v1/models", list_models, methods=["GET"])
-router.add_api_route("/v1/models/status/{model_id:path}", status, methods=["GET"])
+router.add_api_route("/v1/models/status/{model_id:path}", status, methods=["GET"],
+                     responses={400: {"model": Message, "description": "the model is not loaded"}})
 router.add_api_route("/v1/models/start", start_body, methods=["POST"])
 router.add_api_route("/v1/models/stop", stop_body, methods=["POST"])
-router.add_api_route("/v1/models/pull", pull, methods=["POST"])
+router.add_api_route("/v1/models/pull", pull, methods=["POST"], description=NO_SOURCE)
 router.add_api_route("/v1/models/pull", pull_cancel, methods=["DELETE"])
-router.add_api_route("/v1/models", download, methods=["POST"])
-router.add_api_route("/v1/models/download/{model_id:path}", download_get, methods=["GET"])
+router.add_api_route("/v1/models", download, methods=["POST"], description=NO_SOURCE)
+router.add_api_route("/v1/models/download/{model_id:path}", download_get, methods=["GET"], description=NO_SOURCE)
 router.add_api_route("/v1/models/{model_id:path}/start", start_put, methods=["PUT"])
 router.add_api_route("/v1/models/{model_id:path}/stop", stop_put, methods=["PUT"])
 router.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])

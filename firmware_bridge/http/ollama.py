@@ -489,9 +489,10 @@ async def unsupported(request: Request) -> Response:
 
 
 NDJSON = {"application/x-ndjson": {}}
+NO_SOURCE = "an installed model succeeds at once; pulling any other is unsupported (501: no model source)"
 router = APIRouter(responses=error_responses(Error), tags=["ollama"])
 for _method in ("GET", "HEAD"):  # one route per method: each OpenAPI operation has its own id
-    router.add_api_route("/", root, methods=[_method])
+    router.add_api_route("/", root, methods=[_method], response_class=PlainTextResponse)
     router.add_api_route("/api/version", version, methods=[_method])
     router.add_api_route("/api/tags", tags, methods=[_method])
 router.add_api_route("/api/generate", generate, methods=["POST"],
@@ -500,7 +501,7 @@ router.add_api_route("/api/chat", chat, methods=["POST"],
                      responses={200: {"content": NDJSON, "description": "NDJSON pieces, or one object without stream"}})
 router.add_api_route("/api/show", show, methods=["POST"])
 router.add_api_route("/api/ps", ps, methods=["GET"])
-router.add_api_route("/api/pull", pull, methods=["POST"])
+router.add_api_route("/api/pull", pull, methods=["POST"], description=NO_SOURCE)
 router.add_api_route("/api/delete", delete, methods=["DELETE"])
 router.add_api_route("/api/embed", embed, methods=["POST"])
 router.add_api_route("/api/embeddings", embeddings, methods=["POST"])

@@ -488,7 +488,8 @@ router.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
 router.add_api_route("/v1/cancel", cancel, methods=["POST"])
 router.add_api_route("/v1/images/generations", images, methods=["POST"], description="unsupported: always 501")
 router.add_api_route("/v1/images/edits", images, methods=["POST"], description="unsupported: always 501")
-router.add_api_route("/v1/audio/transcriptions", transcriptions, methods=["POST"])
+router.add_api_route("/v1/audio/transcriptions", transcriptions, methods=["POST"],
+                     responses={200: {"content": {"text/plain": {}}, "description": "{text}, or the text alone"}})
 router.add_api_route("/v1/audio/speech", speech, methods=["POST"],
                      responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}, "description": "the speech"}})
 
