@@ -16,38 +16,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from core import runtime, sampling
 from core.sampling import INT32_MAX
 from firmware_bridge.http import auth
-from firmware_bridge.http.common import (
-    call_unit,
-    capabilities,
-    error_responses,
-    gateway,
-    number,
-    open_llm,
-    same_key,
-    stop_list,
-    usage_totals,
-    watch,
-)
+from firmware_bridge.http.common import (call_unit, capabilities, error_responses, gateway, number, open_llm, same_key,
+                                         stop_list, usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
-from firmware_bridge.http.schemas import (
-    Body,
-    MaxTokens,
-    OpenAIError,
-    Seed,
-    Stop,
-    Temperature,
-    Texts,
-    TopK,
-    TopP,
-)
-from firmware_bridge.http.streaming import (
-    STREAM_HEADERS,
-    UnitStream,
-    collect,
-    openai_sse,
-    sse,
-    sse_response,
-)
+from firmware_bridge.http.schemas import Body, MaxTokens, OpenAIError, Seed, Stop, Temperature, Texts, TopK, TopP
+from firmware_bridge.http.streaming import STREAM_HEADERS, UnitStream, collect, openai_sse, sse, sse_response
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "observation": "Observation",

@@ -13,13 +13,7 @@ from core.client import BusClient
 from core.errors import ErrorCode, UnitError
 from core.settings import Settings
 from firmware_bridge.http.errors import GatewayError
-from firmware_bridge.pool import (
-    ModelInUse,
-    ModelNotFound,
-    Served,
-    TaskPool,
-    parse_duration,
-)
+from firmware_bridge.pool import ModelInUse, ModelNotFound, Served, TaskPool, parse_duration
 
 __all__ = ["Gateway", "Served", "http_error", "parse_duration"]
 

@@ -14,38 +14,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from core.sampling import INT32_MAX
 from firmware_bridge.http import openai
-from firmware_bridge.http.common import (
-    capabilities,
-    error_responses,
-    gateway,
-    number,
-    open_llm,
-    stop_list,
-    watch,
-)
+from firmware_bridge.http.common import capabilities, error_responses, gateway, number, open_llm, stop_list, watch
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway, parse_duration
-from firmware_bridge.http.schemas import (
-    Body,
-    MinP,
-    Penalty,
-    RepetitionPenalty,
-    Seed,
-    Stop,
-    Temperature,
-    Texts,
-    TopK,
-    TopP,
-    TypicalP,
-    bounded,
-)
-from firmware_bridge.http.streaming import (
-    UnitStream,
-    collect,
-    ndjson,
-    ndjson_response,
-    pump,
-)
+from firmware_bridge.http.schemas import (Body, MinP, Penalty, RepetitionPenalty, Seed, Stop, Temperature, Texts, TopK,
+                                          TopP, TypicalP, bounded)
+from firmware_bridge.http.streaming import UnitStream, collect, ndjson, ndjson_response, pump
 
 log = logging.getLogger(__name__)
 

@@ -16,41 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from core.sampling import INT32_MAX
-from firmware_bridge.http.common import (
-    call_unit,
-    capabilities,
-    error_responses,
-    finish_reason,
-    gateway,
-    number,
-    open_llm,
-    require_capability,
-    stop_list,
-    usage_totals,
-    watch,
-)
+from firmware_bridge.http.common import (call_unit, capabilities, error_responses, finish_reason, gateway, number,
+                                         open_llm, require_capability, stop_list, usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
-from firmware_bridge.http.schemas import (
-    Body,
-    MaxTokens,
-    MinP,
-    OpenAIError,
-    RepetitionPenalty,
-    Seed,
-    Stop,
-    Texts,
-    TopK,
-    TopP,
-    bounded,
-)
-from firmware_bridge.http.streaming import (
-    UnitStream,
-    collect,
-    openai_sse,
-    sse,
-    sse_response,
-)
+from firmware_bridge.http.schemas import (Body, MaxTokens, MinP, OpenAIError, RepetitionPenalty, Seed, Stop, Texts,
+                                          TopK, TopP, bounded)
+from firmware_bridge.http.streaming import UnitStream, collect, openai_sse, sse, sse_response
 
 log = logging.getLogger(__name__)
 
