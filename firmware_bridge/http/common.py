@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from core.errors import ErrorCode
 from core.sampling import DOMAINS, Domain
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway, Served
@@ -66,7 +67,7 @@ async def open_llm(gw: Gateway, request: Request, manifest: dict, data: dict, re
         except GatewayError as exc:
             messages = data.get("messages") or []
             droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
-            if exc.unit_code != -35 or settings["http.truncate_history"] != "oldest" or not droppable:
+            if exc.unit_code != ErrorCode.CONTEXT_EXCEEDED or settings["http.truncate_history"] != "oldest" or not droppable:
                 raise
             del messages[droppable[0]]
             if notes is not None:

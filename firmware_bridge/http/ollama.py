@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from core.errors import ErrorCode
 from core.sampling import INT32_MAX
 from firmware_bridge.http import openai
 from firmware_bridge.http.common import capabilities, error_responses, gateway, number, open_llm, stop_list, watch
@@ -39,7 +40,7 @@ def render(settings) -> Any:
     def renderer(exc: GatewayError, path: str = "") -> Response:
         if path.startswith("/v1/"):
             return openai_render(exc, path)
-        message = BUSY if exc.status == 503 and exc.unit_code == -32 else exc.message
+        message = BUSY if exc.status == 503 and exc.unit_code == ErrorCode.QUEUE_FULL else exc.message
         return JSONResponse({"error": message}, status_code=exc.status, headers=exc.headers())
     return renderer
 
