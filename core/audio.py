@@ -244,23 +244,74 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 1:
         raise ValueError(f"resample takes a 1-D signal, got shape {x.shape}")
-    if from_rate <= 0 or to_rate <= 0:
-        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
-    if from_rate == to_rate or x.size == 0:
+    stream = Resampler(from_rate, to_rate)
+    if stream.same or x.size == 0:
         return x.copy()
-    up, down = _ratio(int(from_rate), int(to_rate))
-    h, offset = _polyphase(up, down)
-    window = h.shape[0]
-    n_out = -(-x.size * up // down)
-    blocks = -(-n_out // up)
-    # Pad so that every block's input window lies inside the buffer (zeros beyond the ends).
-    lead = max(0, -offset)
-    tail = max(0, (blocks - 1) * down + offset + window - x.size)
-    xp = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
-    rows = np.lib.stride_tricks.as_strided(
-        xp[offset + lead:], shape=(blocks, window), strides=(down * xp.strides[0], xp.strides[0]), writeable=False)
-    out = np.empty((blocks, up), np.float32)
-    step = max(1, _BLOCK_BUDGET // window)  # bounds the copy BLAS makes of the strided rows
-    for start in range(0, blocks, step):
-        np.matmul(rows[start:start + step], h, out=out[start:start + step])
-    return out.reshape(-1)[:n_out]
+    return np.concatenate([stream.push(x), stream.flush()])
+
+
+class Resampler:
+    """resample() of a signal that arrives in pieces: the outputs, concatenated, are resample() of the
+    inputs concatenated (the same blocks through the same filter), and each output sample is given out
+    as soon as the input its filter reads has arrived. Speech synthesised chunk by chunk goes out at the
+    bus rate without clicks at the chunk edges (resampling each chunk alone pads it with zeros)."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        self.same = from_rate == to_rate
+        self.up, self.down = _ratio(int(from_rate), int(to_rate))
+        self.h, offset = _polyphase(self.up, self.down)
+        self.window = self.h.shape[0]
+        self.lead = max(0, -offset)
+        self.first = offset + self.lead  # where block 0's window starts in the zero-led input
+        self._start()
+
+    def _start(self) -> None:
+        self.pending = np.zeros(self.lead, np.float32)  # the zero-led input from index `base` on
+        self.base = 0
+        self.blocks = 0  # blocks given out
+        self.received = 0
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        self.received += x.size
+        if self.same:
+            return x.copy()
+        self.pending = np.concatenate([self.pending, x])
+        return self._run(None)
+
+    def flush(self) -> np.ndarray:
+        """The last samples (the filter reads zeros beyond the end); the stream then starts over."""
+        out = np.zeros(0, np.float32)
+        if not self.same:
+            n_out = -(-self.received * self.up // self.down)
+            blocks = -(-n_out // self.up)
+            if blocks > self.blocks:
+                end = self.first + (blocks - 1) * self.down + self.window - self.base
+                if end > self.pending.size:
+                    self.pending = np.concatenate([self.pending, np.zeros(end - self.pending.size, np.float32)])
+                given = self.blocks * self.up
+                out = self._run(blocks)[: n_out - given]
+        self._start()
+        return out
+
+    def _run(self, last: int | None) -> np.ndarray:
+        """Every block whose window is in `pending` (up to block `last`, exclusive, when given)."""
+        start = self.first + self.blocks * self.down - self.base  # block's window start in pending
+        ready = (self.pending.size - self.window - start) // self.down + 1 if self.pending.size >= start + self.window else 0
+        count = ready if last is None else min(ready, last - self.blocks)
+        if count <= 0:
+            return np.zeros(0, np.float32)
+        rows = np.lib.stride_tricks.as_strided(
+            self.pending[start:], shape=(count, self.window),
+            strides=(self.down * self.pending.strides[0], self.pending.strides[0]), writeable=False)
+        out = np.empty((count, self.up), np.float32)
+        step = max(1, _BLOCK_BUDGET // self.window)  # bounds the copy BLAS makes of the strided rows
+        for i in range(0, count, step):
+            np.matmul(rows[i:i + step], self.h, out=out[i:i + step])
+        self.blocks += count
+        consumed = start + count * self.down  # the next block's window starts here
+        self.pending = self.pending[consumed:].copy()
+        self.base += consumed
+        return out.reshape(-1)

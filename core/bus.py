@@ -22,6 +22,8 @@ HEARTBEAT_S = 1.0
 LIVENESS_S = 5.0
 # How long a peer that vanished (ipc disconnect) may take to answer a liveness probe.
 PROBE_GRACE_S = 0.3
+# How long a closing process may wait for its goodbye (Gone) to reach sys.
+GOODBYE_LINGER_S = 0.5
 
 Route = list  # [client identity (bytes), tag (int), conn (int)]
 Owner = list  # [client identity (bytes), conn (int)]
@@ -49,11 +51,22 @@ class Message:
 
     @staticmethod
     def decode(frames: list[bytes]) -> "Message":
-        body = msgpack.unpackb(frames[0], raw=False, unicode_errors="surrogatepass")
-        cls = Message.registry[body.pop("t")]
-        if len(frames) > 1:
-            body["binary"] = frames[1]
-        return cls(**body)
+        try:
+            body = msgpack.unpackb(frames[0], raw=False, unicode_errors="surrogatepass")
+            cls = Message.registry[body.pop("t")]
+            if len(frames) > 1:
+                body["binary"] = frames[1]
+            return cls(**body)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, msgpack.UnpackException) as exc:
+            raise BadMessage(f"{type(exc).__name__}: {exc}") from None
+
+
+class BadMessage(ValueError):
+    """Frames that are not a bus message (a peer's bug or a foreign sender): dropped by the receiver."""
+
+
+class SocketClosed(Exception):
+    """The socket was closed, by a reconnect that replaced it, while a receiver waited on it."""
 
 
 @dataclass
@@ -67,6 +80,8 @@ class Hello(Message):
     version: str = ""
     features: list[str] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
+    conns: list[int] = field(default_factory=list)  # a client's open connections (a restarted sys learns them)
+    key: str = ""  # the run dir's registration key (core/rundir.py); sys refuses a hello without it
     binary: bytes | None = None
 
 
@@ -132,10 +147,14 @@ class TaskEvent(Message):
 
 @dataclass
 class Gone(Message):
-    """A client connection (or, with conn None, a whole client) went away."""
+    """A client connection (or, with conn None, a whole client) went away.
+
+    client -> sys with conn None: the process says goodbye (its tasks stay, unowned). sys -> units:
+    `release` when the process vanished without one (crashed): its tasks go too."""
     kind: ClassVar[str] = "gone"
     client: bytes = b""
     conn: int | None = None
+    release: bool = False
     binary: bytes | None = None
 
 
@@ -157,8 +176,8 @@ class Context:
     def router(self, endpoint: str) -> "RouterSocket":
         return RouterSocket(self.ctx, endpoint)
 
-    def dealer(self, endpoint: str) -> "DealerSocket":
-        return DealerSocket(self.ctx, endpoint)
+    def dealer(self, endpoint: str, identity: bytes) -> "DealerSocket":
+        return DealerSocket(self.ctx, endpoint, identity)
 
     def term(self) -> None:
         self.ctx.destroy(linger=0)
@@ -187,6 +206,8 @@ class _LoopSocket:
 
     async def recv_frames(self) -> list[bytes]:
         while True:
+            if self.sock.closed:
+                raise SocketClosed()
             try:
                 return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -206,12 +227,12 @@ class _LoopSocket:
             if self._waiter is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._wake()
 
-    def close(self) -> None:
-        """Close; a receiver still waiting gets ZMQError(ENOTSOCK) (its loop then moves to a new socket)."""
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close; a receiver still waiting gets SocketClosed (its loop then moves to the new socket)."""
         self._loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
+        self.sock.close(linger=int(linger_s * 1000))
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(zmq.ZMQError(zmq.ENOTSOCK))
+            self._waiter.set_exception(SocketClosed())
 
 
 class RouterSocket:
@@ -221,6 +242,8 @@ class RouterSocket:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer reconnecting under its identity (a new socket after sys went silent) takes over at once.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
         if endpoint.startswith("ipc://"):
@@ -228,6 +251,8 @@ class RouterSocket:
             if os.path.exists(path):
                 os.unlink(path)
         sock.bind(endpoint)
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[len("ipc://"):], 0o600)  # owner only, whatever the umask (the run dir is 0700 too)
         self.endpoint = endpoint
         self._monitor = _LoopSocket(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self._sock = _LoopSocket(sock)
@@ -261,10 +286,17 @@ class PeerGone(Exception):
         self.identity = identity
 
 
+def peer_identity(name: str) -> bytes:
+    """A process's bus identity, kept across reconnections and sys restarts so that the routes and task
+    owners the units hold stay valid (ZeroMQ's generated identities start with a zero byte; these never do)."""
+    return f"{name}-{os.getpid()}-{os.urandom(4).hex()}".encode()
+
+
 class DealerSocket:
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: bytes):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
         sock.setsockopt(zmq.SNDHWM, 100000)
         sock.setsockopt(zmq.RCVHWM, 100000)
         sock.connect(endpoint)
@@ -285,8 +317,8 @@ class DealerSocket:
     def closed(self) -> bool:
         return self._sock.sock.closed
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger_s: float = 0.0) -> None:
+        self._sock.close(linger_s)
 
 
 async def wait_first(*aws) -> None:

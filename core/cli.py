@@ -37,13 +37,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings, overrides = _settings(args)
     logs.configure(settings["log.level"], "up")
+    settings.bus_key()  # an untrusted run dir stops everything here, with its reason, before any child starts
     children = plan(settings)
 
     async def announce_ready() -> None:
         from core.client import BusClient
 
         units = [c.name for c in children if c.name in registry.installed()]
-        async with BusClient(settings.bus_endpoint(), name="up") as client:
+        async with BusClient.for_settings(settings, "up") as client:
             for _ in range(int(float(settings["timeouts.setup_s"]) * 10)):
                 try:
                     response = await client.call("sys", "version2", timeout=1.0)
@@ -104,7 +105,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         code = 0
-        async with BusClient(settings.bus_endpoint(), name="cli") as client:
+        async with BusClient.for_settings(settings, "cli") as client:
             try:
                 async for response in client.stream(request, conn=client.open_conn(), timeout=args.timeout):
                     if args.pretty:
@@ -182,6 +183,13 @@ def systemd_source_dir() -> Path:
     raise FileNotFoundError("the systemd unit files are not installed")
 
 
+SYSUSERS = "unitbus.sysusers"  # installed as <sysusers.d>/unitbus.conf
+
+
+class InstallError(Exception):
+    pass
+
+
 def render_services(target: Path, executable: str) -> list[Path]:
     """Copy the unit files into `target`, pointing ExecStart at this installation's `unitbus`."""
     source = systemd_source_dir()
@@ -195,11 +203,40 @@ def render_services(target: Path, executable: str) -> list[Path]:
     return written
 
 
+def install_user(sysusers_dir: Path, root: Path | None) -> Path:
+    """Install the sysusers.d file of the services' user; with `root`, create the user there too."""
+    sysusers_dir.mkdir(parents=True, exist_ok=True)
+    path = sysusers_dir / "unitbus.conf"
+    shutil.copyfile(systemd_source_dir() / SYSUSERS, path)
+    if root is not None:
+        import subprocess
+
+        program = shutil.which("systemd-sysusers")
+        if program is None:
+            raise InstallError("systemd-sysusers is missing (apt-get install systemd): it creates the user "
+                               "unitbus that the services run as")
+        result = subprocess.run([program, f"--root={root}", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise InstallError(f"systemd-sysusers could not create the user unitbus: {result.stderr.strip()}")
+    return path
+
+
 def cmd_install_systemd(args: argparse.Namespace) -> int:
     executable = args.executable or shutil.which("unitbus") or os.path.abspath(sys.argv[0])
-    written = render_services(Path(args.target), executable)
+    # --target is a staging folder: every file goes there and nothing is created. Otherwise the files go
+    # into the system (or the image at --root) and the user the services run as is created in it.
+    root = None if args.target else Path(args.root)
+    target = Path(args.target) if args.target else root / "etc/systemd/system"
+    written = render_services(target, executable)
+    try:
+        written.append(install_user(target if args.target else root / "etc/sysusers.d", root))
+    except InstallError as exc:
+        print(f"unitbus install-systemd: {exc}", file=sys.stderr)
+        return 1
     for path in written:
         print(f"installed {path}")
+    if root is not None:
+        print(f"user unitbus created (or already there) in {root / 'etc/passwd'}")
     if args.enable and shutil.which("systemctl"):
         import subprocess
 
@@ -251,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     systemd = sub.add_parser("install-systemd", help="install the systemd unit files")
-    systemd.add_argument("--target", default="/etc/systemd/system")
+    systemd.add_argument("--target", help="a folder for the files alone (default: install into the system, "
+                                          "creating the user unitbus the services run as)")
+    systemd.add_argument("--root", default="/", help="the system to install into (an image's root folder)")
     systemd.add_argument("--executable", help="path of the unitbus command for ExecStart")
     systemd.add_argument("--enable", action="store_true", help="daemon-reload and enable --now")
     systemd.add_argument("--units", nargs="*", help="units to enable (default: up.units)")

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Callable
 from core import bus
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode, UnitError
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +25,31 @@ ControlHandler = Callable[[bus.Control], None]
 
 class BusClient:
     def __init__(self, endpoint: str, name: str = "client", features: tuple[str, ...] = (),
-                 heartbeat_s: float = bus.HEARTBEAT_S, liveness_s: float = bus.LIVENESS_S):
+                 heartbeat_s: float = bus.HEARTBEAT_S, liveness_s: float = bus.LIVENESS_S, key: str = ""):
         self.endpoint = endpoint
+        self.key = key
         self.name = name
         self.features = list(features)
         self.heartbeat_s = heartbeat_s
         self.liveness_s = liveness_s
         self._ctx = bus.Context()
+        self.identity = bus.peer_identity(name)
         self._sock: bus.DealerSocket | None = None
         self._tags = itertools.count(1)
         self._conns = itertools.count(1)
         self._waiters: dict[int, asyncio.Queue] = {}
         self._pending: dict[int, tuple[int, Request]] = {}  # tag -> (conn, request) until final
         self._sinks: dict[int, Sink] = {}
+        self._conns_open: set[int] = set()
         self.on_control: ControlHandler | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_seen = time.monotonic()
+
+    @classmethod
+    def for_settings(cls, settings: Settings, name: str, features: tuple[str, ...] = ()) -> "BusClient":
+        """A client of the stack these settings describe: its endpoint, registration key and heartbeats."""
+        return cls(settings.bus_endpoint(), name=name, features=features, key=settings.bus_key(),
+                   heartbeat_s=float(settings["bus.heartbeat_s"]), liveness_s=float(settings["bus.liveness_s"]))
 
     async def start(self) -> "BusClient":
         self._connect()
@@ -49,16 +59,23 @@ class BusClient:
     def _connect(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        self._sock = self._ctx.dealer(self.endpoint)
-        self._sock.send(bus.Hello(role="client", name=self.name, features=self.features))
+        self._sock = self._ctx.dealer(self.endpoint, self.identity)
+        self._hello()
         self._last_seen = time.monotonic()
+
+    def _hello(self) -> None:
+        assert self._sock is not None
+        self._sock.send(bus.Hello(role="client", name=self.name, features=self.features,
+                                  conns=sorted(self._conns_open), key=self.key))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
-            self._sock.close()
+            # Goodbye: sys then keeps this process's tasks (unowned) instead of releasing them as a crash's.
+            self._sock.send(bus.Gone(conn=None))
+            self._sock.close(linger_s=bus.GOODBYE_LINGER_S)
             self._sock = None
         self._ctx.term()
 
@@ -71,6 +88,7 @@ class BusClient:
     # connections -------------------------------------------------------------------------------
     def open_conn(self, sink: Sink | None = None) -> int:
         conn = next(self._conns)
+        self._conns_open.add(conn)
         if sink is not None:
             self._sinks[conn] = sink
         return conn
@@ -78,6 +96,7 @@ class BusClient:
     def close_conn(self, conn: int) -> None:
         """Tell sys the connection is gone: its inferences stop and its tasks lose their owner."""
         self._sinks.pop(conn, None)
+        self._conns_open.discard(conn)
         for tag, (c, _) in list(self._pending.items()):
             if c == conn:
                 self._pending.pop(tag, None)
@@ -93,6 +112,10 @@ class BusClient:
         assert self._sock is not None, "BusClient.start() first"
         self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
         return tag
+
+    def in_flight(self, tag: int) -> bool:
+        """Whether the request `submit` returned this tag for has not ended yet."""
+        return tag in self._pending
 
     async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
                      timeout: float | None = None) -> AsyncIterator[Response]:
@@ -142,20 +165,31 @@ class BusClient:
                 message = await sock.recv()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a malformed frame from the bus must not stop the client
-                log.exception("bad bus message")
+            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
+                continue
+            except bus.BadMessage as exc:  # a malformed frame from the bus must not stop the client
+                log.error("bad bus message dropped: %s", exc)
+                continue
+            except Exception:  # a bug in receiving must not stop the loop
+                log.exception("bus receive failed")
                 continue
             self._last_seen = time.monotonic()
             if isinstance(message, bus.Msg):
                 self._deliver(message)
+            elif isinstance(message, bus.Control) and message.op == "refused":
+                log.error("sys refused this client: %s", message.data)
+                self._fail_pending(f"sys refused this process: {message.data}")
             elif isinstance(message, bus.Control):
                 if self.on_control is not None:
                     self.on_control(message)
             elif isinstance(message, bus.Hello):
-                # sys restarted and does not know us: say hello again.
-                sock.send(bus.Hello(role="client", name=self.name, features=self.features))
+                # sys does not know us: it restarted (or forgot us), and what it was carrying for us is lost.
+                self._fail_pending("sys restarted; the request was lost, send it again")
+                self._hello()
 
     def _deliver(self, message: bus.Msg) -> None:
+        if message.tag is not None and message.tag not in self._pending and message.tag not in self._waiters:
+            return  # its request is over (answered, or failed when sys went away): a late message
         response = Response.from_dict(message.response) if message.response is not None else None
         if message.tag is not None and message.final:
             self._pending.pop(message.tag, None)

@@ -15,6 +15,10 @@ from typing import Any
 from core.errors import ErrorCode, UnitError
 
 NONE = "None"  # StackFlow writes the string "None" for absent object/data
+# What the bus (msgpack) and the units can carry (spec §4.1): 64-bit signed integers, finite floats,
+# well-formed Unicode, and this much nesting of objects and arrays.
+INT_MIN, INT_MAX = -2 ** 63, 2 ** 63 - 1
+MAX_DEPTH = 64
 
 
 def _replace_with_fffd(err: UnicodeError):
@@ -135,15 +139,57 @@ def _escape_braces_in_strings(text: str) -> str:
 
 
 class EnvelopeError(UnitError):
-    """A frame that is not a valid request (dispatch steps 1 and 2); carries the request_id to echo."""
+    """A frame that is not a valid request (dispatch steps 1 and 2, or a value the bus cannot carry);
+    carries the request_id and work_id to echo."""
 
-    def __init__(self, request_id: str, detail: str | None = None):
+    def __init__(self, request_id: str, detail: str | None = None, work_id: str = "sys", request: bool = False):
         super().__init__(ErrorCode.JSON_FORMAT, detail)
         self.request_id = request_id
+        self.work_id = work_id
+        self.request = request  # the frame is a request (steps 1 and 2 passed); a value in it is not carriable
 
 
-def decode_request(frame: bytes) -> Request:
-    """Dispatch steps 1-3 of spec §6."""
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def uncarriable(value: Any) -> str | None:
+    """Why `value` (decoded JSON) cannot travel on the bus, or None when it can (spec §4.1)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _has_surrogate(item):
+                return "lone surrogate in a string"
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                return "integer outside the 64-bit range"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "NaN or Infinity"
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if _has_surrogate(key):
+                        return "lone surrogate in a key"
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
+
+
+def _envelope(frame: bytes) -> dict[str, Any]:
+    """Dispatch steps 1 and 2 of spec §6: a JSON object with string request_id, work_id and action."""
     try:
         text = frame.decode("utf-8")
     except UnicodeDecodeError:
@@ -159,6 +205,24 @@ def decode_request(frame: bytes) -> Request:
     for key in ("request_id", "work_id", "action"):
         if not isinstance(obj.get(key), str):
             raise EnvelopeError(echo)
+    return obj
+
+
+def is_request(frame: bytes) -> bool:
+    """Whether `frame` passes dispatch steps 1 and 2 (the framer's resync looks for such frames, §13.1)."""
+    try:
+        _envelope(frame)
+    except EnvelopeError:
+        return False
+    return True
+
+
+def decode_request(frame: bytes) -> Request:
+    """Dispatch steps 1-3 of spec §6, then the values the bus cannot carry (§4.1), answered with the ids."""
+    obj = _envelope(frame)
+    why = uncarriable(obj)
+    if why is not None:
+        raise EnvelopeError(obj["request_id"], why, obj["work_id"] or "sys", request=True)
     token = obj.get("token")
     return Request(
         request_id=obj["request_id"],

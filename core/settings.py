@@ -14,9 +14,13 @@ import difflib
 import json
 import logging
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from core import rundir
+from core.rundir import RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "tcp.port": 10001,
     "tcp.bind": "127.0.0.1",
     "tcp.max_connections": 16,
+    "tcp.max_connections_per_address": 0,  # share kept when all slots are taken; 0: half of tcp.max_connections
+    "tcp.idle_timeout_s": 300.0,  # close a connection without a task that sent and got nothing; 0: never
     "tcp.cancel_on_disconnect": True,
     "tasks.reclaim_orphans": True,  # a full unit's setup exits idle, unlinked tasks whose owner left
     "uart.enabled": "auto",
@@ -71,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "log.level": "INFO",
     # HTTP gateways (http-apis.md): one process, one listener per API.
     "http.bind": "127.0.0.1",
+    "http.console": "openai",  # the web console: "openai" (at / of the OpenAI port), a port number, or "off"
     "http.openai.enabled": True,
     "http.openai.port": 8000,
     "http.ollama.enabled": True,
@@ -248,17 +255,33 @@ class Settings:
                 raise SettingsError(f"{source}: unknown setting {key}{hint}")
 
     def run_dir(self) -> Path:
-        if self["bus.run_dir"]:
-            path = Path(self["bus.run_dir"])
-        elif os.access("/run", os.W_OK):
-            path = Path("/run/unitbus")
-        else:
-            path = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unitbus-{os.getuid()}") / "unitbus"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """The bus's run directory, created or checked owner-only (core/rundir.py)."""
+        try:
+            return rundir.prepare(Path(self["bus.run_dir"]) if self["bus.run_dir"] else rundir.default_path())
+        except (RunDirError, OSError) as exc:
+            raise SettingsError(f"bus.run_dir: {exc}") from None
+
+    def bus_key(self) -> str:
+        """The registration key every process sends in its hello (core/rundir.py)."""
+        try:
+            return rundir.key(self.run_dir())
+        except (RunDirError, OSError) as exc:
+            raise SettingsError(f"bus key: {exc}") from None
 
     def bus_endpoint(self) -> str:
         return self["bus.endpoint"] or f"ipc://{self.run_dir() / 'sys.sock'}"
+
+
+def load_for_process(prog: str, config: str | None, overrides: Iterable[str]) -> Settings:
+    """A process's settings, its run dir and key checked: a bad setting or an untrusted run dir ends the
+    process with one line saying what is wrong (exit status 2), not a traceback."""
+    try:
+        settings = Settings.load(config, overrides)
+        settings.bus_key()
+    except SettingsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
-from core.settings import Settings
+from core.runtime import return_memory_to_os
+from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
 
@@ -173,10 +174,14 @@ class Unit:
     max_queue_default: ClassVar[int] = 3
     reassemble_streams: ClassVar[bool] = True
     needs_text: ClassVar[bool] = True  # inference data is text (else audio bytes)
+    # Give freed memory back to the OS when a job leaves the task idle: for units whose jobs allocate
+    # and free large tensors (a transcription, a sentence), not for those that run every 80 ms.
+    trim_when_idle: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoint = settings.bus_endpoint()
+        self.key = settings.bus_key()
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
         self.liveness_s = float(settings["bus.liveness_s"])
         self.max_tasks = int(settings.get(f"{self.name}.max_tasks", 1))
@@ -186,7 +191,10 @@ class Unit:
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
         self._ctx = bus.Context()
+        self.identity = bus.peer_identity(self.name)
         self.sock: bus.DealerSocket | None = None
+        self._epoch = 0  # counts registrations with sys: a setup that outlives one is not announced
+        self._refusal: Any = None  # the last reason sys gave for refusing this unit
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task] = set()
@@ -274,7 +282,7 @@ class Unit:
         parser.add_argument("--config", help="path of unitbus.toml")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         args = parser.parse_args(argv)
-        settings = Settings.load(args.config, args.set)
+        settings = load_for_process(f"unitbus-{cls.name}", args.config, args.set)
         logs.configure(settings["log.level"], cls.name)
         unit = cls(settings)
         asyncio.run(unit.serve())
@@ -286,6 +294,7 @@ class Unit:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
         self._connect()
+        self._hello()
         receiver = asyncio.create_task(self._receive_loop())
         beat = asyncio.create_task(self._heartbeat_loop())
         watchdog = asyncio.create_task(notify.watchdog_loop())
@@ -300,19 +309,34 @@ class Unit:
             t.cancel()
         await asyncio.gather(receiver, beat, watchdog, stopper, return_exceptions=True)
         if self.sock is not None:
-            self.sock.close()
+            self.sock.send(bus.Gone())  # goodbye: sys lets the process that replaces this one register
+            self.sock.close(linger_s=bus.GOODBYE_LINGER_S)
         self._ctx.term()
 
     def _connect(self) -> None:
         if self.sock is not None:
             self.sock.close()
-        self.sock = self._ctx.dealer(self.endpoint)
+        self.sock = self._ctx.dealer(self.endpoint, self.identity)
+
+    def _register_again(self, why: str) -> None:
+        """sys restarted or lost us: register again with every task, so a new sys recovers them (spec §5.4).
+
+        The requests in flight died with the old sys and their clients have answered them, so the
+        unit stops their work (an answer still goes out, for a sys that only lost us for a while)."""
+        self._epoch += 1
         self._hello()
+        for task in self.tasks.values():
+            self._announce(task)
+        for task in self.tasks.values():
+            for job in [j for j in task.queue if j.route is not None]:
+                self._cancel_queued(task, job, why)
+            if task.current is not None and task.current.route is not None:
+                task.current.cancel.set()
 
     def _hello(self) -> None:
         actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
         self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
-                            actions=actions, version=self.version, features=list(self.features)))
+                            actions=actions, version=self.version, features=list(self.features), key=self.key))
         self._last_from_sys = time.monotonic()
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -326,9 +350,9 @@ class Unit:
             await asyncio.sleep(self.heartbeat_s)
             self.send(bus.Heartbeat())
             if time.monotonic() - self._last_from_sys > self.liveness_s:
-                log.warning("sys silent for %.1f s: dropping tasks and registering again", self.liveness_s)
-                await self._drop_all_tasks("sys restarted")
+                log.warning("sys silent for %.1f s: connecting and registering again", self.liveness_s)
                 self._connect()
+                self._register_again("sys stopped answering")
 
     async def _receive_loop(self) -> None:
         while True:
@@ -337,11 +361,19 @@ class Unit:
                 message = await self.sock.recv()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("undecodable bus message dropped")
+            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
+                continue
+            except bus.BadMessage as exc:
+                log.error("undecodable bus message dropped: %s", exc)
+                continue
+            except Exception:  # a bug in receiving must not stop the loop
+                log.exception("bus receive failed")
                 continue
             self._last_from_sys = time.monotonic()
-            self.registered.set()
+            refused = isinstance(message, bus.Control) and message.op == "refused"
+            if not refused and not isinstance(message, bus.Hello):
+                self.registered.set()  # sys answers a hello it accepts with a heartbeat
+                self._refusal = None
             try:
                 await self._handle(message)
             except Exception:
@@ -359,9 +391,10 @@ class Unit:
         elif isinstance(message, bus.Control):
             await self._control(message)
         elif isinstance(message, bus.Hello):
-            # sys restarted and forgot us and our tasks.
-            await self._drop_all_tasks("sys restarted")
-            self._hello()
+            if self._refusal is None:  # a refused unit is asked every heartbeat: no news
+                log.warning("sys does not know this unit (it restarted): registering again with %d tasks",
+                            len(self.tasks))
+            self._register_again("sys restarted")
 
     async def _control(self, message: bus.Control) -> None:
         if message.op == "reset":
@@ -372,6 +405,12 @@ class Unit:
                 log.info("sys.reset: restarting")
                 self.exit_code = RESTART_EXIT
                 self._stop.set()
+        elif message.op == "refused":
+            if message.data != self._refusal:  # it asks again every heartbeat: say it once
+                log.error("sys refused this unit: %s", message.data)
+            self._refusal = message.data
+        elif message.op == "live":
+            await self._drop_stale_owners(message.data)
         else:
             self.on_control(message)
 
@@ -460,6 +499,7 @@ class Unit:
 
     # setup -------------------------------------------------------------------------------------
     async def _setup(self, request: Request, message: bus.Req, route: list) -> None:
+        epoch = self._epoch
         assigned = message.assigned or ""
         name = assigned.split(".")[0] or request.unit
         data = request.data
@@ -497,10 +537,12 @@ class Unit:
             raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
                             "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
         if params["progress"] and route:
-            task.state["progress"] = lambda percent: self.send_threadsafe(bus.Msg(
+            task.state["progress"] = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
-                                  {"stage": "loading", "percent": int(percent)}).to_dict(), route=route))
+                                  {"stage": stage, "percent": int(percent)}).to_dict(), route=route))
         await asyncio.to_thread(self.load, task)
+        if epoch != self._epoch:  # sys restarted during the load: the client was told its setup failed
+            raise UnitError(ErrorCode.UNIT_CALL, "sys restarted during the setup; set up again")
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
             raise self._task_full()
         self.tasks[task.work_id] = task
@@ -667,6 +709,9 @@ class Unit:
         except Exception as exc:
             log.exception("%s: job %s failed", job.task.work_id, job.request_id)
             self._job_error(job, UnitError(ErrorCode.MODEL_RUN, str(exc) or type(exc).__name__))
+        finally:
+            if self.trim_when_idle and not job.task.queue:
+                return_memory_to_os()
 
     def _job_error(self, job: Job, exc: UnitError) -> None:
         response = error_reply(job.request_id, job.task.work_id, exc)
@@ -721,12 +766,27 @@ class Unit:
         self.streams.drop_target(task.work_id)
         self.send(bus.TaskEvent(op="down", work_id=task.work_id))
 
+    async def _drop_stale_owners(self, live: list) -> None:
+        """A restarted sys lists the clients (and their connections) that came back; other owners are gone."""
+        conns = {bytes(client): {0, *open_conns} for client, open_conns in live}  # conn 0: the client itself
+        for task in list(self.tasks.values()):
+            if task.owner is None or task.closed:
+                continue
+            client, conn = bytes(task.owner[0]), task.owner[1]
+            if client not in conns:
+                await self._gone(bus.Gone(client=client, conn=None, release=True))
+            elif conn not in conns[client]:
+                await self._gone(bus.Gone(client=client, conn=conn))
+
     async def _drop_all_tasks(self, why: str) -> None:
         for task in list(self.tasks.values()):
             await self._exit_task(task, why)
 
     async def _gone(self, message: bus.Gone) -> None:
-        """A client connection went away: stop its work, release ownership, exit tasks that asked for it."""
+        """A client connection went away: stop its work, release ownership, exit tasks that asked for it.
+
+        When a client process vanished without saying goodbye (`release`), its tasks go too: they
+        would hold task slots until a setup reclaimed them (spec §5.4)."""
         def matches(key: tuple | list | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
@@ -736,7 +796,7 @@ class Unit:
             owned = matches(task.owner)
             if owned:
                 task.owner = None
-                if task.exit_on_disconnect:
+                if task.exit_on_disconnect or message.release:
                     await self._exit_task(task, "owner disconnected")
                     continue
             if cancel:

@@ -8,7 +8,7 @@ import signal
 
 from core import logs, notify
 from core.client import BusClient
-from core.settings import Settings
+from core.settings import Settings, load_for_process
 from firmware_bridge.tcp import TcpServer
 from firmware_bridge.uart import UartBridge
 
@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 
 async def main_async(settings: Settings, uart_device: str | None) -> None:
     use_uart = uart_device is not None or UartBridge.wanted(settings)
-    client = BusClient(settings.bus_endpoint(), name="bridge", features=("uart",) if use_uart else (),
-                       heartbeat_s=float(settings["bus.heartbeat_s"]), liveness_s=float(settings["bus.liveness_s"]))
+    client = BusClient.for_settings(settings, "bridge", features=("uart",) if use_uart else ())
     await client.start()
     parts: list = []
     if settings["tcp.enabled"]:
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--uart", help="serial device (overrides uart.device and enables the UART)")
     args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
+    settings = load_for_process("unitbus-bridge", args.config, args.set)
     logs.configure(settings["log.level"], "bridge")
     asyncio.run(main_async(settings, args.uart))
 

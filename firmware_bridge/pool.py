@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import re
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from core.client import BusClient
-from core.envelope import Request
+from core.envelope import Request, Response
 from core.errors import ErrorCode, UnitError
 from core.manifest import ManifestStore
 from core.paths import resolve_pkg_url
@@ -101,6 +102,7 @@ class Served:
     loaded_at: float = 0.0
     load_ms: float = 0.0
     setup: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)  # the load's last {"stage", "percent"} from the unit
     durations: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
     ready: asyncio.Future | None = None
 
@@ -124,9 +126,7 @@ class TaskPool:
                  abort_load_on_disconnect: bool = False):
         self.settings = settings
         self.name = name
-        self.client = client or BusClient(settings.bus_endpoint(), name=name,
-                                          heartbeat_s=float(settings["bus.heartbeat_s"]),
-                                          liveness_s=float(settings["bus.liveness_s"]))
+        self.client = client or BusClient.for_settings(settings, name)
         self.store = ManifestStore(settings.as_dict())
         self.served: dict[tuple[str, str], Served] = {}
         self.running: dict[str, Served] = {}  # request_id -> task, for cancel()
@@ -345,9 +345,10 @@ class TaskPool:
     async def _setup(self, bus_name: str, data: dict, served: Served):
         timeout = float(self.settings["timeouts.setup_s"]) + 5.0
         for attempt in (0, 1):
-            request = Request(f"{self.name}-setup-{served.mode}", bus_name, "setup", f"{bus_name}.setup", data)
+            request = Request(f"{self.name}-setup-{served.mode}", bus_name, "setup", f"{bus_name}.setup",
+                              {**data, "progress": True})
             try:
-                response = await self.client.request(request, timeout=timeout)
+                response = await asyncio.wait_for(self._setup_reply(request, served), timeout)
             except asyncio.TimeoutError:
                 raise PoolError(ErrorCode.TIMEOUT, message=f"timeout: loading {served.mode} exceeded "
                                                            f"{timeout:.0f} s") from None
@@ -360,6 +361,17 @@ class TaskPool:
                 continue
             raise self._unit_error(response.code, response.message, retry_after=5)
         raise AssertionError("unreachable")
+
+    async def _setup_reply(self, request: Request, served: Served) -> Response | None:
+        """The reply to a setup; the progress messages before it (loading, converting) go to served.progress."""
+        async with contextlib.aclosing(self.client.stream(request)) as messages:
+            async for response in messages:
+                if response.object.endswith(".setup.progress") and isinstance(response.data, dict):
+                    served.progress = {"stage": str(response.data.get("stage", "loading")),
+                                       "percent": int(response.data.get("percent", 0))}
+                    continue
+                return response
+        return None
 
     async def _make_room(self, served: Served, manifest: dict) -> None:
         """Unload idle pool tasks (least recently used first) while the model does not fit in memory."""

@@ -24,6 +24,8 @@ from firmware_bridge.connection import Connection
 
 log = logging.getLogger(__name__)
 
+BACKPRESSURE_CHECK_S = 0.01  # how often a paused UART looks whether it may read again
+
 PARITIES = {"n": "N", "e": "E", "o": "O"}
 DEFAULT_LINE = {"baud": 115200, "data_bits": 8, "parity": "n", "stop_bits": 1}
 RESET_PROBE = b"llm uart reset\n"
@@ -56,6 +58,9 @@ class UartBridge:
         self.reset_wait_s = float(settings["uart.reset_wait_s"])
         self.port: Any = None
         self.connection: Connection | None = None
+        self.max_pending = int(settings["framing.max_pending_bytes"])
+        self._reading = False
+        self._failed = False
         self._outbox: queue.Queue = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -81,6 +86,7 @@ class UartBridge:
         self.connection = Connection(self.client, self.settings, self._queue_write, self._pending_bytes,
                                      f"uart {self.device}", kind="uart")
         self.loop.add_reader(self.port.fileno(), self._readable)
+        self._reading = True
         self._writer = threading.Thread(target=self._write_loop, name="uart-writer", daemon=True)
         self._writer.start()
         self._idle_task = asyncio.create_task(self._idle_loop())
@@ -142,14 +148,40 @@ class UartBridge:
             data = self.port.read(self.port.in_waiting or 1)
         except Exception as exc:  # the device vanished: stop reading, keep the process up
             log.error("UART read failed: %s", exc)
-            assert self.loop is not None
-            self.loop.remove_reader(self.port.fileno())
+            self._failed = True
+            self._set_reading(False)
             return
         if data and self.connection is not None:
             try:
                 self.connection.received(data)
             except Exception:
                 log.exception("UART frame handling failed")
+            if self._held_back():
+                self._set_reading(False)
+                assert self.loop is not None
+                self.loop.call_later(BACKPRESSURE_CHECK_S, self._maybe_resume)
+
+    def _held_back(self) -> bool:
+        """Backpressure (spec §13.3, §14.2): output over framing.max_pending_bytes, or too much in flight."""
+        return self._pending > self.max_pending or (self.connection is not None and self.connection.busy())
+
+    def _maybe_resume(self) -> None:
+        if self._failed or self.connection is None or self.connection.closed:
+            return
+        if self._pending <= self.max_pending // 2 and not self.connection.busy():
+            self._set_reading(True)
+        else:
+            assert self.loop is not None
+            self.loop.call_later(BACKPRESSURE_CHECK_S, self._maybe_resume)
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading == self._reading or self.loop is None:
+            return
+        self._reading = reading
+        if reading:
+            self.loop.add_reader(self.port.fileno(), self._readable)
+        else:
+            self.loop.remove_reader(self.port.fileno())
 
     def _queue_write(self, data: bytes) -> None:
         with self._pending_lock:
@@ -166,9 +198,13 @@ class UartBridge:
                 return
             try:
                 if kind == "data":
-                    self.port.write(item)  # one message per write (spec §4.3 rule 8)
-                    with self._pending_lock:
-                        self._pending -= len(item)
+                    try:
+                        self.port.write(item)  # one message per write (spec §4.3 rule 8)
+                    finally:
+                        # Written or lost, the bytes no longer wait: a failed write must not leave the
+                        # count high, or every later output would be dropped as if the host were slow.
+                        with self._pending_lock:
+                            self._pending -= len(item)
                 elif kind == "settings":
                     self.port.flush()
                     self.port.apply_settings(serial_settings(item))
@@ -181,8 +217,9 @@ class UartBridge:
             self._idle_task.cancel()
         if self.connection is not None:
             self.connection.close()
-        if self.port is not None and self.loop is not None:
-            self.loop.remove_reader(self.port.fileno())
+        if self.port is not None:
+            self._failed = True  # no resuming after this
+            self._set_reading(False)
         self._outbox.put(("stop", None))
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join, 2.0)

@@ -34,7 +34,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -311,7 +311,8 @@ class _Graph:
         packed = np.concatenate([w.packed for w in weights], axis=0)
         scales = np.concatenate([w.scales for w in weights], axis=0)
         y = self.op("MatMulNBits", [x, self.const(packed, f"{hint}_b"), self.const(scales, f"{hint}_s")],
-                    outs if first.offset is None else 1, domain="com.microsoft", K=k, N=n, bits=first.bits, block_size=BLOCK, accuracy_level=4)
+                    outs if first.offset is None else 1, domain="com.microsoft", K=k, N=n, bits=first.bits, block_size=BLOCK,
+                    accuracy_level=4)
         if first.offset is None:
             return y
         # Q4_1: add sum over blocks of (block sum of x) * (m + 8d). The block means come from one
@@ -331,8 +332,10 @@ class _Graph:
         return model
 
 
-def build_graph(g: GgufFile, facts: dict[str, Any], progress: bool = True) -> tuple[Any, Weight]:
-    """The onnx ModelProto for a llama GGUF (layout in the module docstring), and the token table."""
+def build_graph(g: GgufFile, facts: dict[str, Any], progress: bool = True,
+                report: Callable[[int], None] | None = None) -> tuple[Any, Weight]:
+    """The onnx ModelProto for a llama GGUF (layout in the module docstring), and the token table.
+    `report(percent)` follows the layers (0..90: the rest is writing the files)."""
     from onnx import TensorProto as TP
     from onnx import helper
     from tqdm import tqdm
@@ -360,6 +363,8 @@ def build_graph(g: GgufFile, facts: dict[str, Any], progress: bool = True) -> tu
     h = gr.op("SimplifiedLayerNormalization", [x, gr.const(g.vector("blk.0.attn_norm.weight"), "attn_norm")],
               axis=-1, epsilon=eps)
     for i in tqdm(range(nl), desc="layers", disable=not progress, unit="layer"):
+        if report is not None:
+            report(90 * i // nl)
         p = f"blk.{i}."
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
@@ -462,8 +467,8 @@ def default_out_dir(gguf_path: Path) -> Path:
     return cache_dir() / gguf_path.stem
 
 
-def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
-    """Write the converted model into out_dir (an empty folder, made if missing)."""
+def convert(gguf_path: Path, out_dir: Path, progress: bool = True, report: Callable[[int], None] | None = None) -> None:
+    """Write the converted model into out_dir (an empty folder, made if missing); `report(percent)` as it goes."""
     g = GgufFile(gguf_path)
     facts = model_facts(g)
     types = {_TYPE_NAMES.get(int(t.tensor_type), t.tensor_type.name) for t in g.reader.tensors if len(t.shape) == 2}
@@ -475,7 +480,9 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     special = special_facts(g)
     chat = chat_facts(g, special)
     tokenizer = build_tokenizer(g)
-    model, embd = build_graph(g, facts, progress=progress)
+    model, embd = build_graph(g, facts, progress=progress, report=report)
+    if report is not None:
+        report(90)
     out_dir.mkdir(parents=True, exist_ok=True)
     embedding = save_embeddings(embd, out_dir / "token_embd.bin")
     config = {**facts, **special, **chat, "embedding": embedding, "weight_types": sorted(types),
@@ -486,12 +493,15 @@ def convert(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     save_bpe(out_dir / "tokenizer.json", out_dir / "tokenizer.npz")
     save_model(model, out_dir)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    if report is not None:
+        report(100)
 
 
 def ensure_converted(gguf_path: str | Path, out_root: str | Path | None = None, progress: bool = True,
-                     force: bool = False) -> Path:
+                     force: bool = False, report: Callable[[int], None] | None = None) -> Path:
     """The folder holding model.onnx (+ model.onnx.data), the tokenizer and config.json for a GGUF,
-    converted once (models/cache.py: reused while the GGUF's size, mtime and the converter are the same)."""
+    converted once (models/cache.py: reused while the GGUF's size, mtime and the converter are the same);
+    `report(percent)` follows a conversion when one is needed."""
     from models.cache import build_once
 
     gguf_path = Path(gguf_path).resolve()
@@ -501,7 +511,7 @@ def ensure_converted(gguf_path: str | Path, out_root: str | Path | None = None, 
     if not force and cache_is_current(out_dir, gguf_path):
         return out_dir
     log.info("converting %s to %s (once; later loads reuse it)", gguf_path.name, out_dir)
-    return build_once(out_dir, stamp(gguf_path), lambda folder: convert(gguf_path, folder, progress=progress),
+    return build_once(out_dir, stamp(gguf_path), lambda folder: convert(gguf_path, folder, progress, report),
                       REQUIRED, force=force)
 
 

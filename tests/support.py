@@ -159,8 +159,8 @@ class Stack:
 class StackFlowClient:
     """A script-like client on TCP 10001: sends JSON, reads one message per line."""
 
-    def __init__(self, port: int, timeout: float = 30.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 30.0, source: tuple[str, int] | None = None):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=source)
         self.timeout = timeout
         self.buffer = b""
         self.backlog: list[dict] = []

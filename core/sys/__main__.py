@@ -8,7 +8,7 @@ import signal
 import sys
 
 from core import logs, notify
-from core.settings import Settings
+from core.settings import Settings, load_for_process
 from core.sys.broker import Broker
 
 log = logging.getLogger("core.sys")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="path of unitbus.toml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
+    settings = load_for_process("unitbus-sys", args.config, args.set)
     logs.configure(settings["log.level"], "sys")
     sys.exit(asyncio.run(main_async(settings)))
 

@@ -17,8 +17,9 @@ import struct
 import sys
 import tempfile
 import termios
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core import bus
 from core.envelope import Request, Response, error_reply, reply, stream_data
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-SAFE = ("ping", "lsmode", "lstask", "hwinfo", "cmminfo", "axcl_cmminfo", "version", "version2", "uartsetup", "reset")
+SAFE = ("ping", "lsmode", "lstask", "lsunit", "hwinfo", "cmminfo", "axcl_cmminfo", "version", "version2", "uartsetup",
+        "reset")
 DANGEROUS = ("reboot", "bashexec", "push", "pull", "update", "upgrade", "rmmode", "unit_call")
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*")
 BAUD_RATES = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 500000, 576000,
@@ -110,6 +112,14 @@ class SysActions:
         tasks = sorted(self.broker.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
         data = [{**t.info, "work_id": t.work_id} for t in tasks]
         return reply(request, "sys", data=data, object="sys.lstask")
+
+    def do_lsunit(self, origin, request, binary) -> Response:
+        now = time.monotonic()
+        units = sorted(self.broker.workers.values(), key=lambda u: u.name)
+        data = [{"unit": u.name, "names": u.names, "pid": u.pid, "version": u.version,
+                 "tasks": sum(1 for t in self.broker.tasks.values() if t.unit is u),
+                 "heartbeat_ms": int((now - u.last_seen) * 1000)} for u in units]
+        return reply(request, "sys", data=data, object="sys.lsunit")
 
     async def do_hwinfo(self, origin, request, binary) -> Response:
         load = await cpu_load_percent(1.0)

@@ -6,12 +6,13 @@ core.bus, and one dispatch step that pairs a request with a live unit or answers
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import bus
+from core import bus, rundir
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode
 from core.ids import WorkId
@@ -32,6 +33,7 @@ class UnitRecord:
     actions: set[str]
     version: str
     features: list[str]
+    pid: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -40,6 +42,7 @@ class ClientRecord:
     identity: bytes
     name: str
     features: list[str]
+    conns: set[int] = field(default_factory=set)  # connections known open: from its hello and its requests
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -76,6 +79,8 @@ class Broker:
 
         self.settings = settings
         self.endpoint = settings.bus_endpoint()
+        self.key = settings.bus_key()
+        self.key_file = settings.run_dir() / rundir.KEY_FILE
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
         self.liveness_s = float(settings["bus.liveness_s"])
         self.units: dict[str, UnitRecord] = {}  # served name -> record
@@ -87,11 +92,15 @@ class Broker:
         self.next_number = int(settings["work_id.start"])
         self.sys_actions = SysActions(self)
         self.started = time.time()
+        self.started_at = time.monotonic()
         self._ctx = bus.Context()
         self.sock: bus.RouterSocket | None = None
         self._background: set[asyncio.Task] = set()
         self._pcm_subscribers = 0
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
+        self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
+        self._refused: dict[bytes, float] = {}  # peers whose hello was refused, and when (logged once each)
+        self._live_told = False  # whether units were told which clients came back (after a restart)
         self.ready = asyncio.Event()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -172,21 +181,24 @@ class Broker:
         if isinstance(message, bus.Hello):
             self._hello(identity, message)
         elif unit is None and client is None:
-            # A peer from before a sys restart: ask it to introduce itself again.
-            assert self.sock is not None
-            try:
-                self.sock.send(identity, bus.Hello(role="sys", name="sys"))
-            except bus.PeerGone:
-                pass
+            self._ask_hello(identity, now)
         elif isinstance(message, bus.Heartbeat):
             pass
         elif isinstance(message, bus.Req):
+            if client is not None:
+                client.conns.add(message.conn)
             self._request(identity, message)
         elif isinstance(message, bus.Msg) and unit is not None:
             self._unit_message(unit, message)
         elif isinstance(message, bus.TaskEvent) and unit is not None:
             self._task_event(unit, message)
+        elif isinstance(message, bus.Gone) and unit is not None:
+            self._unit_dead(unit, f"unit {unit.name} stopped")  # its goodbye: a successor may register at once
+        elif isinstance(message, bus.Gone) and message.conn is None:
+            self._client_gone(identity, release=False)  # a goodbye: its tasks stay
         elif isinstance(message, bus.Gone):
+            if client is not None:
+                client.conns.discard(message.conn)
             self.sys_actions.streams.drop_client(identity, message.conn)
             for record in set(self.workers.values()):
                 self.send_to_unit(record, bus.Gone(client=identity, conn=message.conn))
@@ -195,24 +207,81 @@ class Broker:
         else:
             log.warning("unexpected %s from %r", type(message).__name__, identity)
 
+    def _ask_hello(self, identity: bytes, now: float) -> None:
+        """A peer sys does not know (from before a restart, or forgotten): ask it to introduce itself.
+
+        Once per heartbeat period: a unit streaming into a restarted sys sends many messages before
+        its hello arrives, and each would otherwise make it register (and cancel its work) again."""
+        if now - self._hello_sent.get(identity, -self.heartbeat_s) < self.heartbeat_s:
+            return
+        self._hello_sent[identity] = now
+        assert self.sock is not None
+        try:
+            self.sock.send(identity, bus.Hello(role="sys", name="sys"))
+        except bus.PeerGone:
+            pass
+
     def _hello(self, identity: bytes, hello: bus.Hello) -> None:
+        self._hello_sent.pop(identity, None)
+        offered = hello.key.encode("utf-8", "surrogatepass") if isinstance(hello.key, str) else b""
+        if not hmac.compare_digest(offered, self.key.encode()):
+            # Not a process of this stack (it cannot read the run dir's key): never registered.
+            if identity not in self._refused:
+                log.warning("hello from %r (%s %s, pid %s) refused: wrong registration key", identity,
+                            hello.role, hello.name, hello.pid)
+            self._refused[identity] = time.monotonic()
+            self.send_to_peer(identity, bus.Control("refused", f"wrong registration key (the key is in "
+                                                               f"{self.key_file}, readable by sys's user only)"))
+            return
         if hello.role == "unit":
-            for name in hello.names or [hello.name]:
-                old = self.units.get(name)
-                if old is not None and old.identity != identity:
-                    self._unit_dead(old, f"unit {old.name} was replaced by a new process")
-            record = UnitRecord(identity, hello.name, hello.names or [hello.name], set(hello.actions),
-                                hello.version, hello.features)
-            self.workers[identity] = record
-            for name in record.names:
-                self.units[name] = record
-            log.info("unit %s (%s) registered, pid %s", hello.name, ",".join(record.names), hello.pid)
-            self.send_to_unit(record, bus.Heartbeat())
-            if PCM_SOURCE in record.features:
-                self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: self._pcm_subscribers}))
+            self._unit_hello(identity, hello)
         else:
-            self.clients[identity] = ClientRecord(identity, hello.name, hello.features)
+            self.clients[identity] = ClientRecord(identity, hello.name, hello.features, set(hello.conns))
             self.send_to_client(identity, bus.Heartbeat())
+
+    def _unit_hello(self, identity: bytes, hello: bus.Hello) -> None:
+        names = hello.names or [hello.name]
+        again = self.workers.get(identity)
+        if again is not None:
+            # The same process registers again: it lost sys for a while, and stopped what it was doing.
+            self._fail_inflight(again, f"unit {again.name} lost its connection to sys")
+        for name in names:
+            old = self.units.get(name)
+            if old is not None and old is not again:
+                self.send_to_unit(old, bus.Heartbeat())  # a vanished process fails this at once and is dropped
+            old = self.units.get(name)
+            if old is not None and old is not again:
+                # Never let a newcomer take a live unit's name (and its tasks): it may ask again later.
+                why = f"unit {name} is already served by a live process; registration refused"
+                if identity not in self._refused:
+                    log.warning("%s (pid %s)", why, hello.pid)
+                self._refused[identity] = time.monotonic()
+                self.send_to_peer(identity, bus.Control("refused", why))
+                return
+        record = again or UnitRecord(identity, hello.name, names, set(hello.actions), hello.version, hello.features,
+                                     hello.pid)
+        record.names, record.actions, record.version, record.features = names, set(hello.actions), hello.version, \
+            hello.features
+        self.workers[identity] = record
+        for name in record.names:
+            self.units[name] = record
+        log.info("unit %s (%s) registered, pid %s", hello.name, ",".join(record.names), hello.pid)
+        self.send_to_unit(record, bus.Heartbeat())
+        if PCM_SOURCE in record.features:
+            self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: self._pcm_subscribers}))
+        if self._live_told:
+            self.send_to_unit(record, self._live_clients())
+
+    def send_to_peer(self, identity: bytes, message: bus.Message) -> None:
+        """To a peer that is not registered (a refusal): a vanished one is simply not told."""
+        assert self.sock is not None
+        try:
+            self.sock.send(identity, message)
+        except bus.PeerGone:
+            pass
+
+    def _live_clients(self) -> bus.Control:
+        return bus.Control("live", [[c.identity, sorted(c.conns)] for c in self.clients.values()])
 
     # dispatch (spec §6) ------------------------------------------------------------------------
     def _request(self, identity: bytes, message: bus.Req) -> None:
@@ -318,6 +387,9 @@ class Broker:
             self.send_to_unit(unit, bus.Req(tag=0, conn=0, request=exit_request.to_dict(), route=[b"", 0, 0]))
             return
         if event.op == "up":
+            parsed = WorkId.parse(event.work_id)
+            if parsed is not None and parsed.number is not None and parsed.number >= self.next_number:
+                self.next_number = parsed.number + 1  # a task a restarted sys recovers: numbers never repeat
             self.tasks[event.work_id] = TaskRecord(event.work_id, unit, event.info)
             self.links.set_subscriptions(event.work_id, event.subscribe)
         elif event.op == "down":
@@ -349,24 +421,28 @@ class Broker:
         for name in record.names:
             if self.units.get(name) is record:
                 del self.units[name]
+        self._fail_inflight(record, why)
+        for work_id in [w for w, t in self.tasks.items() if t.unit is record]:
+            self._drop_task(work_id)
+        self._update_pcm_subscribers()
+
+    def _fail_inflight(self, record: UnitRecord, why: str) -> None:
         for key, entry in list(self.inflight.items()):
             if entry.unit is record:
                 del self.inflight[key]
                 self.answer(entry.origin, error_reply(entry.request.request_id, entry.error_work_id,
                                                       ErrorCode.UNIT_CALL, why))
-        for work_id in [w for w, t in self.tasks.items() if t.unit is record]:
-            self._drop_task(work_id)
-        self._update_pcm_subscribers()
 
-    def _client_gone(self, identity: bytes) -> None:
+    def _client_gone(self, identity: bytes, release: bool = True) -> None:
+        """A client left: said goodbye, or vanished (`release`: then its tasks are released too)."""
         if self.clients.pop(identity, None) is None:
             return
-        log.info("client %r gone", identity)
+        log.info("client %r %s", identity, "gone: releasing its tasks" if release else "said goodbye")
         self.sys_actions.streams.drop_client(identity)
         for key in [k for k in self.inflight if k[0] == identity]:
             del self.inflight[key]
         for record in set(self.workers.values()):
-            self.send_to_unit(record, bus.Gone(client=identity, conn=None))
+            self.send_to_unit(record, bus.Gone(client=identity, conn=None, release=release))
 
     def cancel_all_inflight(self, detail: str) -> None:
         for key, entry in list(self.inflight.items()):
@@ -401,6 +477,14 @@ class Broker:
             for identity, client in list(self.clients.items()):
                 if now - client.last_seen > self.liveness_s:
                     self._client_gone(identity)
+            if not self._live_told and now - self.started_at > self.liveness_s:
+                # Every live client has introduced itself by now: units drop owners that did not come back.
+                self._live_told = True
+                for record in set(self.workers.values()):
+                    self.send_to_unit(record, self._live_clients())
+            for seen in (self._hello_sent, self._refused):
+                for identity in [i for i, t in seen.items() if now - t > self.liveness_s]:
+                    del seen[identity]
 
     def probe_peers(self) -> None:
         """A heartbeat to every peer; a send to a vanished peer fails at once (ROUTER_MANDATORY)."""

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from core import logs, notify
-from core.settings import Settings
+from core.settings import Settings, load_for_process
 from firmware_bridge.wyoming.server import WyomingServer
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
+    settings = load_for_process("unitbus-wyoming", args.config, args.set)
     logs.configure(settings["log.level"], "wyoming")
     asyncio.run(main_async(settings))
 

@@ -78,7 +78,7 @@ def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
             llm.reset()
             first = None
             n = 0
-            for chunk in llm.create_completion(ids, max_tokens=tokens, temperature=0.0, stream=True, grammar=grammar,
+            for _ in llm.create_completion(ids, max_tokens=tokens, temperature=0.0, stream=True, grammar=grammar,
                                                logit_bias=None if grammar else {llm.token_eos(): -1e9}):
                 n += 1
                 if first is None:

@@ -281,3 +281,17 @@ def test_absurdly_long_audio_is_refused():
     chunks = b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(body)) + body
     with pytest.raises(BadAudio):
         parse_wav(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+
+
+@pytest.mark.parametrize("rates", [(22050, 16000), (16000, 48000), (44101, 16000), (16000, 16000)])
+def test_resampling_in_pieces_equals_resampling_at_once(rates):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(30011).astype(np.float32)
+    stream = audio.Resampler(*rates)
+    cuts = np.sort(rng.integers(0, x.size, 40))
+    pieces = [stream.push(part) for part in np.split(x, cuts)] + [stream.flush()]
+    # Samples leave as soon as their input is in: all but the filter's reach and one block before flush.
+    assert sum(p.size for p in pieces[:-1]) >= resample(x, *rates).size - stream.up - 64
+    np.testing.assert_allclose(np.concatenate(pieces), resample(x, *rates), atol=2e-6)
+    again = np.concatenate([stream.push(x[:5000]), stream.flush()])  # flush starts a new stream
+    np.testing.assert_allclose(again, resample(x[:5000], *rates), atol=2e-6)

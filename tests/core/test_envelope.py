@@ -105,3 +105,27 @@ def test_every_bus_message_type_round_trips():
         message = cls(**fields)
         assert bus.Message.decode(message.encode()) == message
         assert dataclasses.is_dataclass(message)
+
+
+@pytest.mark.parametrize("value, why", [
+    (2 ** 63, "64-bit"), (-2 ** 63 - 1, "64-bit"), (10 ** 30, "64-bit"),
+    (float("nan"), "NaN"), (float("inf"), "NaN"), (float("-inf"), "NaN"),
+    ("a\ud800b", "surrogate in a string"), ({"\udfff": 1}, "surrogate in a key"),
+    ([[[[1]]]] * 2 + [json.loads("[" * 70 + "]" * 70)], "nested deeper than 64"),
+])
+def test_values_the_bus_cannot_carry_are_refused_with_the_clients_ids(value, why):
+    frame = json.dumps({"request_id": "r7", "work_id": "llm.1002", "action": "inference",
+                        "data": {"x": [value]}}).encode()
+    with pytest.raises(EnvelopeError) as info:
+        decode_request(frame)
+    assert (info.value.code, info.value.request_id, info.value.work_id) == (ErrorCode.JSON_FORMAT, "r7", "llm.1002")
+    assert why in info.value.message
+    reply_bytes = error_reply(info.value.request_id, info.value.work_id, info.value).encode()
+    reply_bytes.decode("utf-8")  # the answer itself is valid UTF-8
+
+
+def test_the_edges_of_what_the_bus_carries_pass_and_survive_msgpack():
+    data = {"big": 2 ** 63 - 1, "small": -2 ** 63, "f": 1e308, "pair": "\U0001f600", "deep": json.loads("[" * 60 + "]" * 60)}
+    req = decode_request(json.dumps({"request_id": "1", "work_id": "sys", "action": "x", "data": data}).encode())
+    message = bus.Req(tag=1, conn=1, request=req.to_dict())
+    assert bus.Message.decode(message.encode()).request["data"] == data

@@ -53,5 +53,23 @@ def test_systemd_units_verify_clean(tmp_path):
     assert verify.stderr == "", verify.stderr
     text = (tmp_path / "unitbus-unit@llm.service").read_text()
     for setting in ("Type=notify", "WatchdogSec=30", "Restart=always", "Requires=unitbus-sys.service",
-                    "PartOf=unitbus-sys.service", "NoNewPrivileges=yes"):
+                    "PartOf=unitbus-sys.service", "NoNewPrivileges=yes", "User=unitbus", "RuntimeDirectoryMode=0700"):
         assert setting in text
+    assert (tmp_path / "unitbus.conf").read_text().count("u unitbus ") == 1  # staged, nothing created
+
+
+def test_install_systemd_creates_the_user_the_services_run_as(tmp_path):
+    if shutil.which("systemd-sysusers") is None:
+        pytest.fail("systemd-sysusers is required (apt-get install systemd)")
+    result = unitbus("install-systemd", "--root", str(tmp_path), "--executable", "/usr/bin/unitbus")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "etc/systemd/system/unitbus-sys.service").is_file()
+    assert (tmp_path / "etc/sysusers.d/unitbus.conf").is_file()
+    users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()}
+    assert users["unitbus"][5] == "/var/lib/unitbus" and users["unitbus"][6].endswith("nologin")
+    groups = {line.split(":")[0]: line.split(":")[3].split(",")
+              for line in (tmp_path / "etc/group").read_text().splitlines()}
+    assert "unitbus" in groups["audio"] and "unitbus" in groups["dialout"]
+    again = unitbus("install-systemd", "--root", str(tmp_path), "--executable", "/usr/bin/unitbus")
+    assert again.returncode == 0, again.stderr  # idempotent
+    assert [line.split(":")[0] for line in (tmp_path / "etc/passwd").read_text().splitlines()].count("unitbus") == 1

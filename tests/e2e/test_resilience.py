@@ -100,7 +100,12 @@ def test_reset_renumbers_and_drops_tasks(skel_stack):
         assert reset["error"] == {"code": 0, "message": "llm server restarting ..."}
         time.sleep(0.5)
         assert c.request({"request_id": "l", "work_id": "sys", "action": "lstask"})["data"] == []
-        again = c.request({"request_id": "b", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+        deadline = time.monotonic() + 30
+        while True:  # the restarted unit may not have registered yet (-9 takes no number)
+            again = c.request({"request_id": "b", "work_id": "skel", "action": "setup", "data": {"model": "skel"}})
+            if again["error"]["code"] != -9 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert again["work_id"] == "skel.1000"
 
 

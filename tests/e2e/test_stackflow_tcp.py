@@ -12,7 +12,8 @@ from support import StackFlowClient
 
 pytestmark = pytest.mark.e2e
 
-CANONICAL = re.compile(rb'^\{"created":\d+,"data":.*,"error":\{"code":-?\d+,"message":".*"\},"object":".*","request_id":".*","work_id":".*"\}\n$')
+CANONICAL = re.compile(rb'^\{"created":\d+,"data":.*,"error":\{"code":-?\d+,"message":".*"\},'
+                       rb'"object":".*","request_id":".*","work_id":".*"\}\n$')
 
 
 def setup_skel(client, request_id="s", **data):
@@ -53,6 +54,9 @@ def test_setup_inference_stream_and_exit(skel_stack):
             "enoutput": True, "inputs": ["skel.utf-8"], "model": "skel-upper", "response_format": "skel.utf-8.stream"}
         tasks = c.request({"request_id": "l", "work_id": "sys", "action": "lstask"})
         assert [t["work_id"] for t in tasks["data"]] == [work_id]
+        procs = c.request({"request_id": "lu", "work_id": "sys", "action": "lsunit"})
+        assert procs["object"] == "sys.lsunit"
+        assert [(u["unit"], u["pid"], u["tasks"]) for u in procs["data"]] == [("skel", skel_stack.pid_of("skel"), 1)]
         units = c.request({"request_id": "u", "work_id": "skel", "action": "taskinfo"})
         assert units["data"] == [work_id] and units["object"] == "skel.tasklist"
         bye = c.request({"request_id": "x", "work_id": work_id, "action": "exit"})

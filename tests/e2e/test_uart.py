@@ -89,6 +89,10 @@ def test_persisted_settings_and_the_recovery_handshake(stack_factory, pty_pair, 
         assert b"llm uart reset\n" in heard
         port.write(b"llm_uart_reset")
         starter.join(120)
+        # "unitbus up:" can come before the bridge has read the answer (it waits for TCP and the units only).
+        deadline = time.monotonic() + 10
+        while json.loads(state.read_text())["baud"] != 115200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert json.loads(state.read_text())["baud"] == 115200
         port.write(b'{"request_id":"2","work_id":"sys","action":"ping"}')
         assert read_messages(port, 1)[0]["request_id"] == "2"

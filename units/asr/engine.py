@@ -67,7 +67,8 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
 
     config = json.loads((cache / "config.json").read_text())
     options = {"session.intra_op.allow_spinning": "1" if spin else "0"}
-    encoder = create_session(cache / "encoder.onnx", threads=threads or None, options=options)
+    # Windows of any length (and one full silent window at load): no pool keeping the largest run's memory.
+    encoder = create_session(cache / "encoder.onnx", threads=threads or None, options=options, shapes_vary=True, arena=False)
     dims = json.loads((cache / "dims.json").read_text())
     # One silent 30 s window (Whisper's zero padding everywhere): the stand-in for the padding frames
     # a short window leaves out, at every encoder layer and in the cross-attention.
@@ -79,7 +80,8 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
     silence = dict(zip(names, encoder.run(names, feed)))
     return _Model(
         encoder=encoder,
-        decoder=create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options),
+        decoder=create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
+                               shapes_vary=True, arena=False),
         tokenizer=Tokenizer.from_file(str(cache / "tokenizer.json")),
         dims=dims,
         suppress=np.asarray(config.get("suppress_ids", []), dtype=np.int64),

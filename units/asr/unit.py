@@ -40,6 +40,7 @@ def stackflow_text(text: str) -> str:
 class AsrUnit(Unit):
     name = UNIT.name
     names = UNIT.names
+    trim_when_idle = True
     defaults: dict[str, Any] = {
         "language": "en",
         "awake_delay": 50,

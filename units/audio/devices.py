@@ -241,7 +241,7 @@ class Player:
                 generation = self._generation
                 self._playing = True
             try:
-                self._play(apply_gain(pcm, self.gain), generation)
+                self._play(pcm, generation)
             except Exception:
                 log.exception("playback failed")
             finally:
@@ -250,9 +250,16 @@ class Player:
     def _stopped(self, generation: int) -> bool:
         return self._generation != generation or self._closed
 
+    def _next(self, generation: int) -> np.ndarray | None:
+        """The next queued item if one is waiting: it continues the sound being played."""
+        with self._cond:
+            if self._queue and not self._stopped(generation):
+                return self._queue.popleft()
+        return None
+
     def _play(self, pcm: np.ndarray, generation: int) -> None:
-        if self.mode == "dir" and self.play_dir is not None:
-            self._write_wav(pcm)
+        """Play `pcm` and every item queued before it ends as one sound: one aplay process, one WAV
+        file (speech streamed in chunks plays without a gap at each chunk)."""
         proc = None
         if self.mode == "alsa":
             argv = ["aplay", "-q", "-D", self.device, "-t", "raw", "-f", "S16_LE", "-r", str(RATE), "-c", "1"]
@@ -261,21 +268,31 @@ class Player:
             except OSError as exc:
                 log.error("cannot start aplay: %s", exc)
         step = int(RATE * PLAY_PERIOD_S)
-        start = time.monotonic()
-        for offset in range(0, pcm.size, step):
-            if self._stopped(generation):
-                break
-            piece = pcm[offset:offset + step]
-            if proc is not None and proc.stdin is not None:
-                try:
-                    proc.stdin.write(piece.astype("<i2").tobytes())  # aplay blocks: it paces the loop
-                    continue
-                except (BrokenPipeError, OSError):
-                    proc = None
-            # No device paces us: keep real time so "playing" lasts as long as the sound would.
-            delay = start + (offset + piece.size) / RATE - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        start, played = time.monotonic(), 0
+        heard: list[np.ndarray] = []
+        wav_name = self._wav_name() if self.mode == "dir" and self.play_dir is not None else None
+        item: np.ndarray | None = pcm
+        while item is not None and not self._stopped(generation):
+            item = apply_gain(item, self.gain)
+            heard.append(item)
+            if wav_name is not None:  # the file holds what has started playing, and grows with the sound
+                self._write_wav(wav_name, np.concatenate(heard))
+            for offset in range(0, item.size, step):
+                if self._stopped(generation):
+                    break
+                piece = item[offset:offset + step]
+                if proc is not None and proc.stdin is not None:
+                    try:
+                        proc.stdin.write(piece.astype("<i2").tobytes())  # aplay blocks: it paces the loop
+                        continue
+                    except (BrokenPipeError, OSError):
+                        proc = None
+                # No device paces us: keep real time so "playing" lasts as long as the sound would.
+                delay = start + (played + offset + piece.size) / RATE - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            played += item.size
+            item = self._next(generation)
         if proc is not None:
             if self._stopped(generation):
                 proc.kill()
@@ -286,11 +303,13 @@ class Player:
                     pass
             proc.wait()
 
-    def _write_wav(self, pcm: np.ndarray) -> None:
+    def _wav_name(self) -> str:
+        self._count += 1
+        return f"play-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:05d}.wav"
+
+    def _write_wav(self, name: str, pcm: np.ndarray) -> None:
         assert self.play_dir is not None
         self.play_dir.mkdir(parents=True, exist_ok=True)
-        self._count += 1
-        name = f"play-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:05d}.wav"
         # Written under a temporary name then renamed: a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(dir=self.play_dir, suffix=".part")
         with os.fdopen(fd, "wb") as f:

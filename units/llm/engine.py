@@ -10,8 +10,6 @@ the step writes three integers, runs, and reads the logits from a preallocated b
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import math
@@ -20,12 +18,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from units.llm.sampler import Sampler
 from core.chat_template import JinjaTemplate, chatml_prompt
+from core.runtime import return_memory_to_os
 from units.llm.tokenizer import TextAssembler, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -35,47 +34,8 @@ PREFILL_CHUNK = 256
 # The KV cache grows by half its size, in multiples of this many positions, so a short chat does not
 # pay for the whole context window (and a long one copies the cache a logarithmic number of times).
 KV_STEP = 64
-# Linux madvise advice: reclaim these pages now if they are clean (never discards data).
-_MADV_PAGEOUT = 21
 # Deltas are emitted every this many tokens (StackFlow's rhythm, unit-protocol.md §10.2).
 TOKENS_PER_DELTA = 3
-
-
-@functools.lru_cache(maxsize=1)
-def _glibc() -> Any:
-    """glibc's malloc_trim and madvise, or None (another libc, another OS)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def return_memory_to_os(mapped_file: Path | None = None) -> None:
-    """Give freed and load-only memory back to the OS (glibc on Linux; a no-op elsewhere).
-
-    - glibc keeps freed heap pages (tokenizer.json parsing, weight repacking, a generation's scratch):
-      malloc_trim returns them (about 9 MB after a generation, in under a millisecond).
-    - onnxruntime memory-maps the external weights, repacks most of them into its own buffers and
-      unmaps those, but keeps the MatMulNBits scale tensors mapped although the repacked copy is what
-      runs; the pages read while repacking stay resident. MADV_PAGEOUT drops clean pages of
-      `mapped_file` (it never discards data; a page used again is read back from the file).
-    """
-    libc = _glibc()
-    if libc is None:
-        return
-    if mapped_file is not None:
-        target = str(mapped_file)
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].strip() == target:
-                    start, end = (int(v, 16) for v in fields[0].split("-"))
-                    if libc.madvise(start, end - start, _MADV_PAGEOUT) != 0:
-                        log.debug("madvise(MADV_PAGEOUT) failed (errno %d): weights stay resident", ctypes.get_errno())
-                        break
-    libc.malloc_trim(0)
 
 
 class ContextOverflow(ValueError):
@@ -464,15 +424,16 @@ class LlmEngine:
         return np.asarray(vector, dtype=np.float32)
 
 
-def load_llm(params: Mapping[str, Any]) -> LlmEngine:
+def load_llm(params: Mapping[str, Any], report: Callable[[int], None] | None = None) -> LlmEngine:
     """An engine from a manifest's merged mode_param: "gguf" (pkg://... or an absolute path; converted
-    once into the cache) or "model_dir" (an already converted folder), "context_length", "threads"."""
+    once into the cache, `report(percent)` following a conversion) or "model_dir" (an already converted
+    folder), "context_length", "threads"."""
     if params.get("model_dir"):
         model_dir = Path(params["model_dir"])
     else:
         from models.gguf_llama import ensure_converted, gguf_path_of
 
-        model_dir = ensure_converted(gguf_path_of(params), progress=False)
+        model_dir = ensure_converted(gguf_path_of(params), progress=False, report=report)
     threads = int(params["threads"]) if params.get("threads") else None
     ctx = int(params["context_length"]) if params.get("context_length") else None
     return LlmEngine(model_dir, threads=threads, context_length=ctx)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from units.llm.engine import return_memory_to_os
+from core.runtime import return_memory_to_os
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ holds it equal to `tokenizers` on tricky strings, 1500 random strings and a long
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -63,7 +63,9 @@ class LlmUnit(Unit):
             progress(0)
         key = ("llm", task.manifest.mode, str(params.get("gguf") or params.get("model_dir")))
         try:
-            engine: LlmEngine = self.shared_model(key, lambda: load_llm(params))
+            # A first setup may convert the GGUF: its progress is reported as the "converting" stage.
+            report = (lambda percent: progress(percent, "converting")) if progress else None
+            engine: LlmEngine = self.shared_model(key, lambda: load_llm(params, report))
         except (OSError, ValueError, KeyError) as exc:
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
         if progress:

@@ -1,7 +1,8 @@
 """skel: the template unit. Text in, transformed text out, streamed or not.
 
 Setup keys: `mode` (upper, lower, reverse, echo), `delay_ms` between streamed pieces, which lets a
-test pause a stream in the middle, and `load_ms`, how long loading the "model" takes (a slow setup). Inputs: user text (`skel.*`) and a linked skel task's outputs.
+test pause a stream in the middle, and `load_ms`, how long loading the "model" takes (a slow setup).
+Inputs: user text (`skel.*`) and a linked skel task's outputs.
 """
 from __future__ import annotations
 

@@ -46,6 +46,11 @@ MAX_PHONEMES = 400
 # and the gain cap keeps a near-silent output from being blown up into noise.
 PEAK = 0.95
 MAX_GAIN = 10.0
+PEAK_MARGIN = 1.15  # sentences peak up to ~15% above the warm-up sentence (measured on the Joe voice)
+CALIBRATION = "Hello, how are you today?"
+FIRST_FRAMES = 24  # a sentence's first decoded chunk: 24 frames of 256 samples, 0.28 s at 22050 Hz
+DECODE_CONTEXT = 16  # frames decoded on each side of a chunk: the chunk then matches the whole decode to 1e-6
+MAX_DECODE_FRAMES = 256  # frames decoded at once (3 s of audio): bounds the decoder's memory per run
 ESPEAK_WPM = 175  # espeak-ng's default rate, the fallback voice's speed 1.0
 
 PAD, BOS, EOS = "_", "^", "$"
@@ -243,13 +248,17 @@ def phonemize(espeak: Espeak, text: str) -> list[list[str]]:
 class PiperModel:
     """A loaded Piper voice: the onnxruntime session and its phoneme table (shared by tasks)."""
 
-    session: Any  # set once the phoneme table is known (int8 calibration needs it)
+    session: Any  # the front (phonemes -> frames), or the whole voice when it could not be split
     id_map: dict[str, list[int]]
     rate: int
     noise_scale: float
     length_scale: float
     noise_w: float
     speaker_id: int | None
+    decoder: Any = None  # frames -> audio (models/piper_split.py); None: `session` is the whole voice
+    frames_name: str = ""
+    hop: int = 256  # audio samples per frame
+    peak: float = 0.6  # the voice's raw peak, measured when it loads: the gain of audio given out early
 
     @classmethod
     def load(
@@ -291,10 +300,32 @@ class PiperModel:
         # Spinning worker threads burn the cores the other units (kws, vad, llm) need between ops;
         # measured here it made synthesis slower, not faster, whenever the machine was busy.
         options = None if spin else {"session.intra_op.allow_spinning": "0"}
-        voice.session = create_session(source, threads=threads, options=options)
+        try:
+            from models.piper_split import split_voice
+
+            built = source != model  # a build in the cache: its folder names it
+            front, decoder, voice.frames_name = split_voice(source, f"{source.parent.name if built else model.stem}-split")
+            voice.session = create_session(front, threads=threads, options=options, shapes_vary=True)
+            voice.decoder = create_session(decoder, threads=threads, options=options, shapes_vary=True)
+        except (ImportError, ValueError, OSError) as exc:
+            log.warning("the voice %s cannot be split at its decoder (%s): each sentence's audio comes whole", model, exc)
+            voice.session = create_session(source, threads=threads, options=options, shapes_vary=True)
         if "sid" in {i.name for i in voice.session.get_inputs()} and int(cfg.get("num_speakers", 1)) > 1:
             voice.speaker_id = 0
+        voice._warm_up(espeak)
         return voice
+
+    def _warm_up(self, espeak: Espeak) -> None:
+        """One sentence through the voice: the first request does not pay for onnxruntime's first run,
+        and the voice's raw peak (and, split, its hop) are known before any audio is given out early."""
+        ids = self.ids(phonemize(espeak, CALIBRATION)[0])
+        if self.decoder is None:
+            wav = self.run(ids, self.noise_scale, self.length_scale, self.noise_w)
+        else:
+            frames = self.frames(ids, self.noise_scale, self.length_scale, self.noise_w)
+            wav = self._decode(frames)
+            self.hop = max(1, wav.size // frames.shape[2])
+        self.peak = max(float(np.max(np.abs(wav))) * PEAK_MARGIN, 1e-3) if wav.size else self.peak
 
     def ids(self, phonemes: list[str]) -> list[int]:
         """Piper's layout: ^ _ (p _)* $; characters the voice does not know are dropped."""
@@ -306,7 +337,7 @@ class PiperModel:
                 ids.extend(self.id_map[PAD])
         return ids + self.id_map[EOS]
 
-    def run(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
+    def _feeds(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> dict[str, np.ndarray]:
         feeds = {
             "input": np.asarray([ids], dtype=np.int64),
             "input_lengths": np.asarray([len(ids)], dtype=np.int64),
@@ -314,7 +345,43 @@ class PiperModel:
         }
         if self.speaker_id is not None:
             feeds["sid"] = np.asarray([self.speaker_id], dtype=np.int64)
-        return self.session.run(None, feeds)[0].reshape(-1).astype(np.float32, copy=False)
+        return feeds
+
+    def run(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
+        """The whole piece's audio, float32 at `rate` (decoded in spans of at most MAX_DECODE_FRAMES)."""
+        if self.decoder is None:
+            feeds = self._feeds(ids, noise_scale, length_scale, noise_w)
+            return self.session.run(None, feeds)[0].reshape(-1).astype(np.float32, copy=False)
+        frames = self.frames(ids, noise_scale, length_scale, noise_w)
+        parts = [self.decode(frames, a, b) for a, b in chunk_spans(frames.shape[2], MAX_DECODE_FRAMES)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def frames(self, ids: list[int], noise_scale: float, length_scale: float, noise_w: float) -> np.ndarray:
+        """The latent frames [1, channels, n] of a piece (a split voice only): timing and noise are fixed here."""
+        return self.session.run(None, self._feeds(ids, noise_scale, length_scale, noise_w))[0]
+
+    def _decode(self, frames: np.ndarray) -> np.ndarray:
+        return self.decoder.run(None, {self.frames_name: np.ascontiguousarray(frames)})[0].reshape(-1).astype(np.float32, copy=False)
+
+    def decode(self, frames: np.ndarray, start: int, end: int) -> np.ndarray:
+        """Audio of frames [start, end), decoded with DECODE_CONTEXT frames on each side: the samples of
+        the whole decode, to float rounding."""
+        lo, hi = max(0, start - DECODE_CONTEXT), min(frames.shape[2], end + DECODE_CONTEXT)
+        wav = self._decode(frames[:, :, lo:hi])
+        return wav[(start - lo) * self.hop:(end - lo) * self.hop]
+
+
+def chunk_spans(total: int, first: int | None = None) -> list[tuple[int, int]]:
+    """Frame spans a piece is decoded in. Streamed (the text's first piece): `first` frames (default
+    FIRST_FRAMES), then each twice the one before, so each chunk is decoded while the ones before it
+    play. Every span is at most MAX_DECODE_FRAMES: the decoder's activations, which grow with the
+    frames decoded at once, stay bounded whatever the text. The last span takes the rest, not a stub."""
+    spans, start, size = [], 0, min(first or FIRST_FRAMES, MAX_DECODE_FRAMES)
+    while start < total:
+        end = total if total - start < 2 * size and total - start <= MAX_DECODE_FRAMES else start + size
+        spans.append((start, end))
+        start, size = end, min(size * 2, MAX_DECODE_FRAMES)
+    return spans
 
 
 def _float_voice(model: Path) -> Path:
@@ -328,11 +395,11 @@ def _float_voice(model: Path) -> Path:
         return model
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    if peak < 1e-6:
-        return np.zeros_like(x)
-    return x * min(PEAK / peak, MAX_GAIN)
+def _gain(voice_peak: float, first: np.ndarray) -> float:
+    """One gain for a piece, decided by its first audio: the voice's loudness, not each sentence's own,
+    so sentences sound alike and a piece can go out before its end is decoded."""
+    peak = max(voice_peak, float(np.max(np.abs(first))) if first.size else 0.0)
+    return min(PEAK / peak, MAX_GAIN) if peak >= 1e-6 else 0.0
 
 
 def _pieces(phonemes: list[str], limit: int = MAX_PHONEMES) -> list[list[str]]:
@@ -383,32 +450,52 @@ class TtsVoice:
         return phonemize(self.espeak, text)
 
     def iter_native(self, text: str, speed: float = 1.0) -> Iterator[np.ndarray]:
-        """float32 audio at `native_rate`, one array per sentence (or sentence piece)."""
+        """float32 audio at `native_rate`: the first sentence in growing chunks, then one array per
+        sentence (or sentence piece)."""
+        for wav, _, _ in self._native(text, speed):
+            yield wav
+
+    def _native(self, text: str, speed: float) -> Iterator[tuple[np.ndarray, bool, bool]]:
+        """iter_native's arrays, each with whether it ends a sentence (or piece) and the text."""
         speed = _check_speed(speed)
         if self.model is None:
-            for sentence in _sentences(text):
+            sentences = _sentences(text)
+            for i, sentence in enumerate(sentences):
                 samples, rate = self.espeak.speak(sentence, speed)
                 if samples.size:
-                    yield audio.resample(samples, rate, self.native_rate)
+                    yield audio.resample(samples, rate, self.native_rate), True, i == len(sentences) - 1
             return
         # Sentence by sentence: the first sentence plays while the rest is prepared, and the next
         # sentence's phonemes are made by espeak-ng while onnxruntime speaks this one.
         groups = _sentences_of(text)
         if not groups:
             return
+        model = self.model
+        scales = (self.noise_scale, self.length_scale / speed, self.noise_w)
         ahead = ThreadPoolExecutor(1, thread_name_prefix="tts-phonemes") if len(groups) > 1 else None
         try:
             upcoming: Future | None = None
             phonemes = _sentence_phonemes(self.espeak, groups[0])
+            first = True
             for i in range(len(groups)):
                 if ahead is not None and i + 1 < len(groups):
                     upcoming = ahead.submit(_sentence_phonemes, self.espeak, groups[i + 1])
-                for piece in _pieces(phonemes):
-                    ids = self.model.ids(piece)
-                    if len(ids) <= 3:
-                        continue  # nothing the voice can say
-                    wav = self.model.run(ids, self.noise_scale, self.length_scale / speed, self.noise_w)
-                    yield _normalise(wav)
+                # Pieces of three ids or fewer hold nothing the voice can say.
+                todo = [ids for ids in (model.ids(piece) for piece in _pieces(phonemes)) if len(ids) > 3]
+                for j, ids in enumerate(todo):
+                    last_piece = i == len(groups) - 1 and j == len(todo) - 1
+                    if first and model.decoder is not None:
+                        # Only the first piece goes out in chunks: the later ones are ready before it has played.
+                        frames = model.frames(ids, *scales)
+                        spans = chunk_spans(frames.shape[2])
+                        chunks = ((model.decode(frames, a, b), k == len(spans) - 1) for k, (a, b) in enumerate(spans))
+                    else:
+                        chunks = iter([(model.run(ids, *scales), True)])
+                    first, gain = False, None
+                    for wav, last_chunk in chunks:
+                        gain = _gain(model.peak, wav) if gain is None else gain
+                        # A louder stretch after the first chunk is limited, not wrapped.
+                        yield np.clip(wav * gain, -PEAK, PEAK), last_chunk, last_piece and last_chunk
                 if upcoming is not None:
                     phonemes, upcoming = upcoming.result(), None
         finally:
@@ -416,9 +503,26 @@ class TtsVoice:
                 ahead.shutdown(wait=True, cancel_futures=True)
 
     def iter_synthesize(self, text: str, speed: float = 1.0, rate: int = OUTPUT_RATE) -> Iterator[np.ndarray]:
-        """int16 PCM at `rate`, one array per sentence: long texts start playing before they are done."""
-        for wav in self.iter_native(text, speed):
-            yield audio.float_to_int16(audio.resample(wav, self.native_rate, rate))
+        """int16 PCM at `rate` in pieces (the first sentence's first audio before its end is decoded):
+        text starts playing before it is done. Resampled as one stream, so piece edges are seamless."""
+        for pcm, _ in self.iter_sentences(text, speed, rate):
+            if pcm.size:
+                yield pcm
+
+    def iter_sentences(self, text: str, speed: float = 1.0, rate: int = OUTPUT_RATE) -> Iterator[tuple[np.ndarray, bool]]:
+        """iter_synthesize's arrays, each with whether it ends a sentence (for answers given per sentence)."""
+        stream = audio.Resampler(self.native_rate, rate)
+        ended = False
+        for wav, sentence_end, last in self._native(text, speed):
+            pcm = stream.push(wav)
+            if last:
+                pcm, ended = np.concatenate([pcm, stream.flush()]), True
+            if pcm.size or sentence_end:
+                yield audio.float_to_int16(pcm), sentence_end
+        if not ended:
+            tail = stream.flush()
+            if tail.size:
+                yield audio.float_to_int16(tail), True
 
     def synthesize_native(self, text: str, speed: float = 1.0) -> np.ndarray:
         """float32 audio at `native_rate` (22050 Hz for the Piper voice)."""

@@ -37,6 +37,7 @@ OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "
 class TtsUnit(Unit):
     name = UNIT.name
     names = UNIT.names
+    trim_when_idle = True
     defaults: dict[str, Any] = {
         "spacker_speed": 1.0,  # StackFlow's spelling
         "speed": 1.0,
@@ -249,14 +250,26 @@ class TtsUnit(Unit):
         task = job.task
         voice: TtsVoice = task.state["voice"]
         rate = task.params["audio_rate"]
+        sentence: list[np.ndarray] = []  # a non-stream format answers one message per sentence
         try:
-            for pcm in voice.iter_synthesize(text, task.state["speed"] if speed is None else speed, audio.RATE):
+            for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"] if speed is None else speed,
+                                                          audio.RATE):
                 if job.cancelled:
                     return
-                if task.state["play"]:
+                if task.state["play"] and pcm.size:
                     self.publish(PLAY_SOURCE, binary=pcm.astype("<i2").tobytes())
-                if task.enoutput:
-                    self._return_audio(job, pcm, rate)
+                if not task.enoutput:
+                    continue
+                if task.stream_output:
+                    if pcm.size:
+                        self._return_audio(job, pcm, rate)
+                    continue
+                sentence.append(pcm)
+                if sentence_end:
+                    whole = np.concatenate(sentence)
+                    sentence = []
+                    if whole.size:
+                        self._return_audio(job, whole, rate)
         except TtsError as exc:
             raise UnitError(ErrorCode.MODEL_RUN, str(exc)) from None
 

@@ -121,7 +121,9 @@ def test_jwt_roundtrip_tamper_and_expiry():
     with pytest.raises(auth.TokenError):
         auth.decode(token, "k", now=time.time() + 120)
     # Interoperable with standard HS256 verifiers: the signature is over "header.payload".
-    import base64, hashlib, hmac
+    import base64
+    import hashlib
+    import hmac
     expected = hmac.new(b"k", f"{header}.{payload}".encode(), hashlib.sha256).digest()
     assert base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)) == expected
 

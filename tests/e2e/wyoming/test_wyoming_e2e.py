@@ -16,7 +16,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from wyoming.wake import Detect, Detection
 
 from wyclient import RATE, read_until, send_audio, start_wyoming
-from core.audio import float_to_int16, resample
+from core.audio import resample
 
 LIGHTS = {"turn", "on", "the", "kitchen", "lights"}
 

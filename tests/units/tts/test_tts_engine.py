@@ -116,8 +116,10 @@ def test_phoneme_ids_use_piper_layout(tts_voice):
 def test_long_text_is_synthesised_sentence_by_sentence(tts_voice):
     text = "First sentence here. Second one follows! Is this the third?"
     parts = list(tts_voice.iter_synthesize(text))
-    assert len(parts) == 3
-    assert all(p.dtype == np.int16 and p.size > 1600 for p in parts)
+    # The first sentence comes in growing chunks (its first audio early), the later ones whole.
+    first = engine.FIRST_FRAMES * tts_voice.model.hop * 16000 // tts_voice.native_rate
+    assert abs(parts[0].size - first) < 400 and len(parts) >= 4
+    assert all(p.dtype == np.int16 for p in parts) and all(p.size > 1600 for p in parts[:-1])
 
 
 def test_overlong_sentences_are_cut_at_word_gaps():
