@@ -320,3 +320,16 @@ def test_ai00_admin_needs_the_api_key_beside_its_token():
     assert client.get("/admin/models/unload", headers={"Authorization": "Bearer sekrit"}).status_code == 401
     # With the key in x-api-key the request reaches the admin check (management is off: 403).
     assert client.get("/admin/models/unload", headers={"x-api-key": "sekrit"}).status_code == 403
+
+
+def test_each_route_is_defined_once_per_listener():
+    """Route tables are per API; a listener that also serves another API's routes never gets a second
+    definition of one (Cortex keeps its own /v1/models, Ollama takes OpenAI's)."""
+    for api in ("openai", "ollama", "ai00", "cortex"):
+        app = create_app(api, Gateway(settings()))
+        routes = [(method, route.path) for route in app.routes for method in getattr(route, "methods", ())]
+        assert len(routes) == len(set(routes)), api
+        owner = {route.path: route.endpoint.__module__ for route in app.routes if hasattr(route, "endpoint")}
+        if api != "ai00":
+            expected = "cortex" if api == "cortex" else "openai"
+            assert owner["/v1/models"] == f"firmware_bridge.http.{expected}"
