@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "http.max_body_bytes": 16 * MIB,
     "http.max_inflight_per_key": 0,
     "http.max_inflight_per_ip": 0,
+    "http.header_timeout_s": 10.0,  # a connection whose request headers take longer is closed
     "http.truncate_history": "",
     "http.openai.project": "unitbus",
     "http.openai.dbc_fields": True,
@@ -110,6 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "http.ai00.expire_sec": 86400,
     "http.ai00.force_pass": False,
     "http.ai00.embed_model": "",
+    "http.ai00.max_state_streams": 4,  # /api/models/state streams open at once
     "http.dbc.enabled": False,
     "http.dbc.node": "http://127.0.0.1:6000",
     "http.dbc.project": "unitbus",

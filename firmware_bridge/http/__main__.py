@@ -27,6 +27,51 @@ def _server_class():
     return Server
 
 
+def _protocol_class(header_timeout_s: float):
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        """uvicorn's h11 protocol with a deadline for each request's headers: a connection that opens and
+        sends nothing, or sends its headers a byte at a time, is closed instead of held (uvicorn has only
+        a keep-alive timeout, which the first byte of a request cancels)."""
+
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                self._arm()  # a new request starts (or goes on): its headers are due by the deadline
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _expired(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closing a connection from %s: no complete request headers in %.0f s",
+                         self.client[0] if self.client else "?", header_timeout_s)
+                self.transport.close()
+
+    return HeaderDeadline
+
+
 async def main_async(settings: Settings) -> None:
     import uvicorn
 
@@ -34,7 +79,8 @@ async def main_async(settings: Settings) -> None:
     listeners = build(gateway)
     Server = _server_class()
     bind = settings["http.bind"]
-    servers = [Server(uvicorn.Config(l.app, host=bind, port=l.port, lifespan="off", access_log=False,
+    protocol = _protocol_class(float(settings["http.header_timeout_s"]))
+    servers = [Server(uvicorn.Config(l.app, host=bind, port=l.port, lifespan="off", access_log=False, http=protocol,
                                      log_level=str(settings["log.level"]).lower(), timeout_graceful_shutdown=3))
                for l in listeners]
     tasks = [asyncio.create_task(s.serve()) for s in servers]

@@ -26,7 +26,7 @@ class Listener:
 
 def create_app(api: str, gateway: Gateway) -> FastAPI:
     module = APIS[api]
-    return make_app(api, gateway, module.routes, module.render(gateway.settings))
+    return make_app(api, gateway, module.ROUTERS, module.render(gateway.settings), getattr(module, "init", None))
 
 
 def build(gateway: Gateway) -> list[Listener]:

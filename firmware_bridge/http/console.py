@@ -32,6 +32,7 @@ from core.envelope import Request, Response
 from core.errors import ErrorCode, UnitError
 from core.ids import WorkId
 from firmware_bridge.connection import Connection
+from firmware_bridge.http.common import same_key
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway, Served, http_error
 from firmware_bridge.http.openai import chat_data
@@ -162,7 +163,7 @@ class Session:
                        "message": 'the first message must be {"type": "hello", "key": ...}'})
             await self._drain_then_close(1008)
             return False
-        if key and hello.get("key") != key:
+        if key and not same_key(hello.get("key"), key):
             self.send({"type": "error", "for": "hello", "status": 401, "code": "invalid_api_key",
                        "message": "Incorrect API key provided"})
             await self._drain_then_close(CLOSE_UNAUTHORIZED)

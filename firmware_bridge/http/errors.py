@@ -6,24 +6,24 @@ from typing import Any
 from core.errors import ErrorCode
 
 # (status, OpenAI type, OpenAI code) per unit error code.
-UNIT_STATUS: dict[int, tuple[int, str, str]] = {
-    -2: (400, "invalid_request_error", "invalid_request"),
-    -22: (400, "invalid_request_error", "invalid_request"),
-    -23: (400, "invalid_request_error", "invalid_request"),
-    -24: (400, "invalid_request_error", "invalid_request"),
-    -25: (400, "invalid_request_error", "invalid_request"),
-    -37: (400, "invalid_request_error", "unsupported_parameter"),
-    -35: (400, "invalid_request_error", "context_length_exceeded"),
-    -5: (500, "api_error", "model_error"),
-    -11: (500, "api_error", "model_error"),
-    -6: (503, "api_error", "server_busy"),  # the unit is not running (yet)
-    -8: (503, "api_error", "server_busy"),
-    -9: (503, "api_error", "server_busy"),
-    -10: (503, "api_error", "server_busy"),
-    -21: (503, "api_error", "server_busy"),
-    -32: (503, "api_error", "server_busy"),
-    -33: (504, "api_error", "timeout"),
-    -36: (499, "api_error", "cancelled"),
+UNIT_STATUS: dict[ErrorCode, tuple[int, str, str]] = {
+    ErrorCode.JSON_FORMAT: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.UNSUPPORTED_LINK: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.BASE64_DECODING: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.EMPTY_DATA: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.STREAM_INDEX: (400, "invalid_request_error", "invalid_request"),
+    ErrorCode.UNSUPPORTED_OBJECT: (400, "invalid_request_error", "unsupported_parameter"),
+    ErrorCode.CONTEXT_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
+    ErrorCode.MODEL_LOADING: (500, "api_error", "model_error"),
+    ErrorCode.MODEL_RUN: (500, "api_error", "model_error"),
+    ErrorCode.UNIT_NOT_EXIST: (503, "api_error", "server_busy"),  # the unit is not running (yet)
+    ErrorCode.RESOURCE_ALLOCATION: (503, "api_error", "server_busy"),
+    ErrorCode.UNIT_CALL: (503, "api_error", "server_busy"),
+    ErrorCode.NOT_AVAILABLE: (503, "api_error", "server_busy"),
+    ErrorCode.TASK_FULL: (503, "api_error", "server_busy"),
+    ErrorCode.QUEUE_FULL: (503, "api_error", "server_busy"),
+    ErrorCode.TIMEOUT: (504, "api_error", "timeout"),
+    ErrorCode.CANCELLED: (499, "api_error", "cancelled"),
 }
 
 STATUS_DEFAULTS: dict[int, tuple[str, str]] = {

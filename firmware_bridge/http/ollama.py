@@ -5,16 +5,21 @@ import datetime as dt
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
-from fastapi import FastAPI
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from core.errors import ErrorCode
+from core.sampling import INT32_MAX
 from firmware_bridge.http import openai
-from firmware_bridge.http.common import (capabilities, number, open_llm, read_json, stop_list, watch)
+from firmware_bridge.http.common import capabilities, error_responses, gateway, number, open_llm, stop_list, watch
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway, parse_duration
+from firmware_bridge.http.schemas import (Body, MinP, Penalty, RepetitionPenalty, Seed, Stop, Temperature, Texts, TopK,
+                                          TopP, TypicalP, bounded)
 from firmware_bridge.http.streaming import UnitStream, collect, ndjson, ndjson_response, pump
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ def render(settings) -> Any:
     def renderer(exc: GatewayError, path: str = "") -> Response:
         if path.startswith("/v1/"):
             return openai_render(exc, path)
-        message = BUSY if exc.status == 503 and exc.unit_code == -32 else exc.message
+        message = BUSY if exc.status == 503 and exc.unit_code == ErrorCode.QUEUE_FULL else exc.message
         return JSONResponse({"error": message}, status_code=exc.status, headers=exc.headers())
     return renderer
 
@@ -145,254 +150,342 @@ def final_stats(last: dict, started: float, load_ns: int) -> dict[str, Any]:
             "eval_duration": int(float(usage.get("decode_ms", 0)) * 1e6)}
 
 
-def routes(app: FastAPI) -> None:
-    gw: Gateway = app.state.gateway
-    settings = gw.settings
+# request bodies -----------------------------------------------------------------------------------
+class Options(Body):
+    """Ollama's `options` (§3.6): the sampling ones mapped onto the unit's keys, the rest logged."""
+    temperature: Temperature = None
+    top_k: TopK = None
+    top_p: TopP = None
+    min_p: MinP = None
+    typical_p: TypicalP = None
+    seed: Seed = None
+    repeat_penalty: RepetitionPenalty = None
+    repeat_last_n: bounded("penalty_window") = None  # type: ignore[valid-type]
+    presence_penalty: Penalty = None
+    frequency_penalty: bounded("frequency_penalty") = None  # type: ignore[valid-type]
+    num_predict: Optional[int] = Field(None, ge=-2, le=INT32_MAX, strict=True,
+                                       description="a positive limit, or -1/-2 for the model's default")
+    stop: Stop = None
+    mirostat: Optional[int] = Field(None, ge=0, le=2, strict=True)
+    mirostat_tau: bounded("mirostat_tau") = None  # type: ignore[valid-type]
+    mirostat_eta: bounded("mirostat_eta") = None  # type: ignore[valid-type]
 
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> Response:
-        return PlainTextResponse("Ollama is running")
 
-    @app.api_route("/api/version", methods=["GET", "HEAD"])
-    async def version() -> Response:
-        return JSONResponse({"version": settings["http.ollama.reported_version"]})
+KeepAlive = Optional[str | Annotated[float, Field(allow_inf_nan=False)]]
+Format = Optional[Literal["json", ""] | dict[str, Any]]
 
-    async def load_or_unload(manifest: dict, name: str, keep_alive: Any, chat: bool, request: Request) -> Response:
-        now = rfc3339(time.time())
-        if keep_alive == 0:
-            await gw.unload(manifest["mode"])
-            reason = "unload"
-        else:
-            await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
-            reason = "load"
-        body: dict[str, Any] = {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
-        if chat:
-            body.pop("response")
-            body["message"] = {"role": "assistant", "content": ""}
-        return JSONResponse(body)
 
-    async def generate_like(request: Request, chat: bool) -> Response:
-        started = time.monotonic()
-        body = await read_json(request)
-        manifest, name = await find(gw, body.get("model"))
-        check_common(body, manifest)
-        keep_alive = keep_alive_of(body)
-        caps = capabilities(manifest)
-        data = options(body)
-        raw = False
-        if chat:
-            messages = body.get("messages")
-            if not messages:
-                return await load_or_unload(manifest, name, keep_alive, True, request)
-            if not isinstance(messages, list):
-                raise GatewayError(400, "messages: expected a list")
-            out = []
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
-                    raise GatewayError(400, f"messages[{i}]: invalid role")
-                if m.get("images") and "vision" not in caps:
-                    raise GatewayError(400, "model does not support images")
-                content = m.get("content") or ""
-                if not isinstance(content, str):
-                    raise GatewayError(400, f"messages[{i}].content: expected a string")
-                out.append({"role": m["role"], "content": content})
-            data["messages"] = out
-        else:
-            prompt = body.get("prompt") or ""
-            if not isinstance(prompt, str):
-                raise GatewayError(400, "prompt: expected a string")
-            if body.get("images") and "vision" not in caps:
-                raise GatewayError(400, "model does not support images")
-            if body.get("suffix") and "insert" not in caps:
-                raise GatewayError(400, "model does not support insert")
-            if body.get("template"):
-                raise GatewayError(400, "custom templates are not supported")
-            if not prompt:
-                return await load_or_unload(manifest, name, keep_alive, False, request)
-            raw = body.get("raw") is True
-            system = body.get("system")
-            if raw:
-                data.update({"prompt": prompt, "raw": True})
-            else:
-                data["messages"] = ([{"role": "system", "content": system}] if isinstance(system, str) and system
-                                    else []) + [{"role": "user", "content": prompt}]
-                data["return_tokens"] = True
-            context = body.get("context")
-            if context:
-                if not isinstance(context, list) or not all(isinstance(t, int) for t in context):
-                    raise GatewayError(400, "context: expected a list of token ids")
-                data["context"] = context
-        fmt = body.get("format")
-        if fmt not in (None, ""):
-            data["format"] = fmt
-        data.setdefault("max_tokens", int(manifest.get("mode_param", {}).get("max_token_len", 1024)))
-        was_loaded = gw.state(manifest["mode"]) == "loaded"
-        t_load = time.monotonic()
-        await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
-        load_ns = 0 if was_loaded else int((time.monotonic() - t_load) * 1e9)
-        rid = f"ollama-{uuid.uuid4().hex[:24]}"
-        _, unit_stream, head = await open_llm(gw, request, manifest, data, rid, keep_alive=keep_alive)
+class Message(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Optional[str] = None
+    images: Optional[list[str]] = None
 
-        def piece(text: str, done: bool, last: dict | None = None) -> dict:
-            obj: dict[str, Any] = {"model": name, "created_at": rfc3339(time.time())}
-            if chat:
-                obj["message"] = {"role": "assistant", "content": text}
-            else:
-                obj["response"] = text
-            obj["done"] = done
-            if done and last is not None:
-                obj["done_reason"] = "length" if last.get("finish_reason") == "length" else "stop"
-                if not chat and not raw and isinstance(last.get("tokens"), list):
-                    obj["context"] = last["tokens"]
-                obj.update(final_stats(last, started, load_ns))
-            return obj
 
-        if body.get("stream", True) is not False:
-            return ndjson_response(ndjson_events(unit_stream, head, piece))
-        text, last = await collect(unit_stream, head, request)
-        return JSONResponse(piece(text, True, last))
+class Common(Body):
+    model: str
+    stream: Optional[bool] = None
+    format: Format = None
+    options: Optional[Options] = None
+    keep_alive: KeepAlive = None
+    think: Optional[bool | str] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True)
 
-    @app.post("/api/generate")
-    async def generate(request: Request) -> Response:
-        return await generate_like(request, False)
 
-    @app.post("/api/chat")
-    async def chat(request: Request) -> Response:
-        return await generate_like(request, True)
+class GenerateRequest(Common):
+    prompt: Optional[str] = None
+    suffix: Optional[str] = None
+    system: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[list[Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]]] = None
+    raw: Optional[bool] = None
+    images: Optional[list[str]] = None
 
-    def tag_entry(manifest: dict) -> dict:
-        meta = gw.meta(manifest)
-        name = f"{manifest['mode']}:latest"
-        return {"name": name, "model": name, "modified_at": rfc3339(meta["mtime"]), "size": meta["size"],
-                "digest": meta["digest"], "details": details(manifest)}
 
-    @app.api_route("/api/tags", methods=["GET", "HEAD"])
-    async def tags() -> Response:
-        return JSONResponse({"models": [tag_entry(m) for m in await gw.models(("llm",))]})
+class ChatRequest(Common):
+    messages: Optional[list[Message]] = None
+    tools: Optional[list[dict[str, Any]]] = None
 
-    @app.post("/api/show")
-    async def show(request: Request) -> Response:
-        body = await read_json(request)
-        manifest, _ = await find(gw, body.get("model") or body.get("name"))
-        meta = gw.meta(manifest)
-        params = manifest.get("mode_param", {})
-        sampling = {k: params[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if k in params}
-        d = manifest.get("details") or {}
-        family = d.get("family", "")
-        info: dict[str, Any] = {}
-        if family:
-            info["general.architecture"] = family
-            if "context_length" in params:
-                info[f"{family}.context_length"] = params["context_length"]
-        if "parameter_count" in d:
-            info["general.parameter_count"] = d["parameter_count"]
-        caps = capabilities(manifest)
-        shown = ["completion"] + [c for c in ("tools", "insert", "vision", "thinking") if c in caps]
-        lines = "\n".join(f"{k} {v}" for k, v in sampling.items())
-        modelfile = (f"# generated by unitbus from {meta['path'].rsplit('/', 1)[-1]}\nFROM {manifest['mode']}\n"
-                     + "".join(f"PARAMETER {k} {v}\n" for k, v in sampling.items()))
-        return JSONResponse({"modelfile": modelfile, "parameters": lines, "template": "",
-                             "details": details(manifest), "model_info": info, "capabilities": shown,
-                             "modified_at": rfc3339(meta["mtime"])})
 
-    @app.get("/api/ps")
-    async def ps() -> Response:
-        manifests = {m["mode"]: m for m in await gw.models(("llm",))}
-        by_alias = {a: m for m in manifests.values() for a in m.get("aliases", [])}
-        out = []
-        for task in await gw.tasks():
-            if not str(task.get("work_id", "")).startswith("llm."):
-                continue
-            manifest = manifests.get(task.get("model")) or by_alias.get(task.get("model"))
-            if manifest is None:
-                continue
-            mine = next((s for s in gw.served.values() if s.work_id == task["work_id"]), None)
-            expires = mine.expires_at() if mine is not None else None
-            entry = tag_entry(manifest)
-            entry.pop("modified_at")
-            entry.update({"expires_at": rfc3339(expires) if expires is not None else FOREVER, "size_vram": 0,
-                          "context_length": manifest.get("mode_param", {}).get("context_length", 0)})
-            out.append(entry)
-        return JSONResponse({"models": out})
+class NamedRequest(Body):
+    model: Optional[str] = None
+    name: Optional[str] = Field(None, description="older clients' spelling of model")
+    stream: Optional[bool] = None
+    verbose: Optional[bool] = None
 
-    def management() -> None:
-        if not settings["http.allow_model_management"]:
-            raise GatewayError(403, "model management is disabled")
 
-    @app.post("/api/pull")
-    async def pull(request: Request) -> Response:
-        management()
-        body = await read_json(request)
-        try:
-            manifest, _ = await find(gw, body.get("model") or body.get("name"))
-        except GatewayError as exc:
-            if exc.status != 404:
-                raise
-            raise GatewayError(501, "no model source is configured (models.sources)") from None
-        if body.get("stream", True) is False:
-            return JSONResponse({"status": "success"})
+class EmbedRequest(Body):
+    model: str
+    input: Texts
+    dimensions: Optional[int] = Field(None, ge=1, le=INT32_MAX, strict=True)
+    truncate: Optional[bool] = None
+    keep_alive: KeepAlive = None
+    options: Optional[Options] = None
 
-        async def done():
-            yield ndjson({"status": "success"})
-        log.info("pull of installed model %s: nothing to do", manifest["mode"])
-        return ndjson_response(done())
 
-    @app.delete("/api/delete")
-    async def delete(request: Request) -> Response:
-        management()
-        body = await read_json(request)
-        manifest, _ = await find(gw, body.get("model") or body.get("name"))
+class EmbeddingsRequest(Body):
+    model: str
+    prompt: str
+    keep_alive: KeepAlive = None
+    options: Optional[Options] = None
+
+
+class Error(BaseModel):
+    error: str
+
+
+# routes -------------------------------------------------------------------------------------------
+async def root() -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": gateway(request).settings["http.ollama.reported_version"]})
+
+
+async def load_or_unload(gw: Gateway, manifest: dict, name: str, keep_alive: Any, chat: bool,
+                         request: Request) -> Response:
+    now = rfc3339(time.time())
+    if keep_alive == 0:
         await gw.unload(manifest["mode"])
-        await gw.delete_model(manifest)
-        return Response(status_code=200)
+        reason = "unload"
+    else:
+        await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
+        reason = "load"
+    body: dict[str, Any] = {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
+    if chat:
+        body.pop("response")
+        body["message"] = {"role": "assistant", "content": ""}
+    return JSONResponse(body)
 
-    async def embed_vectors(request: Request, model: Any, texts: list[str], keep_alive: Any) -> tuple[int, list]:
-        """(load_duration in ns, one vector per text)."""
-        manifest, _ = await find(gw, model)
-        if "embed" not in capabilities(manifest):
-            raise GatewayError(400, f'"{manifest["mode"]}" does not support embeddings')
-        was_loaded = gw.state(manifest["mode"]) == "loaded"
-        t_load = time.monotonic()
-        served = await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
-        load_ns = 0 if was_loaded else int((time.monotonic() - t_load) * 1e9)
-        answer = await watch(request, gw.call(served, "llm.embed", {"input": texts}, f"embed-{uuid.uuid4().hex[:16]}"))
-        return load_ns, answer[0] if answer else []
 
-    @app.post("/api/embed")
-    async def embed(request: Request) -> Response:
-        started = time.monotonic()
-        body = await read_json(request)
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise GatewayError(400, "input: expected a string or a list of strings")
-        dims = number(body, "dimensions", 1, integer=True)
-        load_ns, vectors = await embed_vectors(request, body.get("model"), texts, keep_alive_of(body))
-        if dims is not None:
-            vectors = [v[:dims] for v in vectors]
-        # prompt_eval_count stays 0: the unit's llm.embed answer carries no token counts.
-        return JSONResponse({"model": body.get("model"), "embeddings": vectors,
-                             "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": load_ns,
-                             "prompt_eval_count": 0})
+async def generate_like(request: Request, fields: dict[str, Any], chat: bool) -> Response:
+    gw = gateway(request)
+    started = time.monotonic()
+    body = fields
+    manifest, name = await find(gw, body.get("model"))
+    check_common(body, manifest)
+    keep_alive = keep_alive_of(body)
+    caps = capabilities(manifest)
+    data = options(body)
+    raw = False
+    if chat:
+        messages = body.get("messages")
+        if not messages:
+            return await load_or_unload(gw, manifest, name, keep_alive, True, request)
+        out = []
+        for m in messages:
+            if m.get("images") and "vision" not in caps:
+                raise GatewayError(400, "model does not support images")
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+        data["messages"] = out
+    else:
+        prompt = body.get("prompt") or ""
+        if body.get("images") and "vision" not in caps:
+            raise GatewayError(400, "model does not support images")
+        if body.get("suffix") and "insert" not in caps:
+            raise GatewayError(400, "model does not support insert")
+        if body.get("template"):
+            raise GatewayError(400, "custom templates are not supported")
+        if not prompt:
+            return await load_or_unload(gw, manifest, name, keep_alive, False, request)
+        raw = body.get("raw") is True
+        system = body.get("system")
+        if raw:
+            data.update({"prompt": prompt, "raw": True})
+        else:
+            data["messages"] = ([{"role": "system", "content": system}] if system else []) \
+                + [{"role": "user", "content": prompt}]
+            data["return_tokens"] = True
+        if body.get("context"):
+            data["context"] = body["context"]
+    fmt = body.get("format")
+    if fmt not in (None, ""):
+        data["format"] = fmt
+    data.setdefault("max_tokens", int(manifest.get("mode_param", {}).get("max_token_len", 1024)))
+    was_loaded = gw.state(manifest["mode"]) == "loaded"
+    t_load = time.monotonic()
+    await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
+    load_ns = 0 if was_loaded else int((time.monotonic() - t_load) * 1e9)
+    rid = f"ollama-{uuid.uuid4().hex[:24]}"
+    _, unit_stream, head = await open_llm(gw, request, manifest, data, rid, keep_alive=keep_alive)
 
-    @app.post("/api/embeddings")
-    async def embeddings(request: Request) -> Response:
-        body = await read_json(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise GatewayError(400, "prompt: expected a string")
-        _, vectors = await embed_vectors(request, body.get("model"), [prompt], keep_alive_of(body))
-        return JSONResponse({"embedding": vectors[0] if vectors else []})
+    def piece(text: str, done: bool, last: dict | None = None) -> dict:
+        obj: dict[str, Any] = {"model": name, "created_at": rfc3339(time.time())}
+        if chat:
+            obj["message"] = {"role": "assistant", "content": text}
+        else:
+            obj["response"] = text
+        obj["done"] = done
+        if done and last is not None:
+            obj["done_reason"] = "length" if last.get("finish_reason") == "length" else "stop"
+            if not chat and not raw and isinstance(last.get("tokens"), list):
+                obj["context"] = last["tokens"]
+            obj.update(final_stats(last, started, load_ns))
+        return obj
 
-    async def unsupported(request: Request) -> Response:
-        raise GatewayError(501, f"{request.url.path} is not supported by unitbus")
+    if body.get("stream", True) is not False:
+        return ndjson_response(ndjson_events(unit_stream, head, piece))
+    text, last = await collect(unit_stream, head, request)
+    return JSONResponse(piece(text, True, last))
 
-    for path, methods in (("/api/copy", ["POST"]), ("/api/push", ["POST"]), ("/api/create", ["POST"]),
-                          ("/api/blobs/{digest}", ["HEAD", "POST"])):
-        app.add_api_route(path, unsupported, methods=methods)
 
-    openai.routes(app)
+async def generate(request: Request, body: GenerateRequest) -> Response:
+    return await generate_like(request, body.fields(), False)
+
+
+async def chat(request: Request, body: ChatRequest) -> Response:
+    return await generate_like(request, body.fields(), True)
+
+
+def tag_entry(gw: Gateway, manifest: dict) -> dict:
+    meta = gw.meta(manifest)
+    name = f"{manifest['mode']}:latest"
+    return {"name": name, "model": name, "modified_at": rfc3339(meta["mtime"]), "size": meta["size"],
+            "digest": meta["digest"], "details": details(manifest)}
+
+
+async def tags(request: Request) -> Response:
+    gw = gateway(request)
+    return JSONResponse({"models": [tag_entry(gw, m) for m in await gw.models(("llm",))]})
+
+
+async def show(request: Request, body: NamedRequest) -> Response:
+    gw = gateway(request)
+    manifest, _ = await find(gw, body.model or body.name)
+    meta = gw.meta(manifest)
+    params = manifest.get("mode_param", {})
+    sampling = {k: params[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if k in params}
+    d = manifest.get("details") or {}
+    family = d.get("family", "")
+    info: dict[str, Any] = {}
+    if family:
+        info["general.architecture"] = family
+        if "context_length" in params:
+            info[f"{family}.context_length"] = params["context_length"]
+    if "parameter_count" in d:
+        info["general.parameter_count"] = d["parameter_count"]
+    caps = capabilities(manifest)
+    shown = ["completion"] + [c for c in ("tools", "insert", "vision", "thinking") if c in caps]
+    lines = "\n".join(f"{k} {v}" for k, v in sampling.items())
+    modelfile = (f"# generated by unitbus from {meta['path'].rsplit('/', 1)[-1]}\nFROM {manifest['mode']}\n"
+                 + "".join(f"PARAMETER {k} {v}\n" for k, v in sampling.items()))
+    return JSONResponse({"modelfile": modelfile, "parameters": lines, "template": "",
+                         "details": details(manifest), "model_info": info, "capabilities": shown,
+                         "modified_at": rfc3339(meta["mtime"])})
+
+
+async def ps(request: Request) -> Response:
+    gw = gateway(request)
+    manifests = {m["mode"]: m for m in await gw.models(("llm",))}
+    by_alias = {a: m for m in manifests.values() for a in m.get("aliases", [])}
+    out = []
+    for task in await gw.tasks():
+        if not str(task.get("work_id", "")).startswith("llm."):
+            continue
+        manifest = manifests.get(task.get("model")) or by_alias.get(task.get("model"))
+        if manifest is None:
+            continue
+        mine = next((s for s in gw.served.values() if s.work_id == task["work_id"]), None)
+        expires = mine.expires_at() if mine is not None else None
+        entry = tag_entry(gw, manifest)
+        entry.pop("modified_at")
+        entry.update({"expires_at": rfc3339(expires) if expires is not None else FOREVER, "size_vram": 0,
+                      "context_length": manifest.get("mode_param", {}).get("context_length", 0)})
+        out.append(entry)
+    return JSONResponse({"models": out})
+
+
+def management(gw: Gateway) -> None:
+    if not gw.settings["http.allow_model_management"]:
+        raise GatewayError(403, "model management is disabled")
+
+
+async def pull(request: Request, body: NamedRequest) -> Response:
+    gw = gateway(request)
+    management(gw)
+    try:
+        manifest, _ = await find(gw, body.model or body.name)
+    except GatewayError as exc:
+        if exc.status != 404:
+            raise
+        raise GatewayError(501, "no model source is configured (models.sources)") from None
+    log.info("pull of installed model %s: nothing to do", manifest["mode"])
+    if body.stream is False:
+        return JSONResponse({"status": "success"})
+
+    async def done():
+        yield ndjson({"status": "success"})
+    return ndjson_response(done())
+
+
+async def delete(request: Request, body: NamedRequest) -> Response:
+    gw = gateway(request)
+    management(gw)
+    manifest, _ = await find(gw, body.model or body.name)
+    await gw.unload(manifest["mode"])
+    await gw.delete_model(manifest)
+    return Response(status_code=200)
+
+
+async def embed_vectors(request: Request, model: str, texts: list[str], keep_alive: Any) -> tuple[int, list]:
+    """(load_duration in ns, one vector per text)."""
+    gw = gateway(request)
+    manifest, _ = await find(gw, model)
+    if "embed" not in capabilities(manifest):
+        raise GatewayError(400, f'"{manifest["mode"]}" does not support embeddings')
+    was_loaded = gw.state(manifest["mode"]) == "loaded"
+    t_load = time.monotonic()
+    served = await watch(request, gw.acquire(manifest, keep_alive=keep_alive))
+    load_ns = 0 if was_loaded else int((time.monotonic() - t_load) * 1e9)
+    answer = await watch(request, gw.call(served, "llm.embed", {"input": texts}, f"embed-{uuid.uuid4().hex[:16]}"))
+    return load_ns, answer[0] if answer else []
+
+
+async def embed(request: Request, body: EmbedRequest) -> Response:
+    started = time.monotonic()
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    load_ns, vectors = await embed_vectors(request, body.model, texts, keep_alive_of(body.fields()))
+    if body.dimensions is not None:
+        vectors = [v[:body.dimensions] for v in vectors]
+    # prompt_eval_count stays 0: the unit's llm.embed answer carries no token counts.
+    return JSONResponse({"model": body.model, "embeddings": vectors,
+                         "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": load_ns,
+                         "prompt_eval_count": 0})
+
+
+async def embeddings(request: Request, body: EmbeddingsRequest) -> Response:
+    _, vectors = await embed_vectors(request, body.model, [body.prompt], keep_alive_of(body.fields()))
+    return JSONResponse({"embedding": vectors[0] if vectors else []})
+
+
+async def unsupported(request: Request) -> Response:
+    raise GatewayError(501, f"{request.url.path} is not supported by unitbus")
+
+
+NDJSON = {"application/x-ndjson": {}}
+NO_SOURCE = "an installed model succeeds at once; pulling any other is unsupported (501: no model source)"
+router = APIRouter(responses=error_responses(Error), tags=["ollama"])
+for _method in ("GET", "HEAD"):  # one route per method: each OpenAPI operation has its own id
+    router.add_api_route("/", root, methods=[_method], response_class=PlainTextResponse)
+    router.add_api_route("/api/version", version, methods=[_method])
+    router.add_api_route("/api/tags", tags, methods=[_method])
+router.add_api_route("/api/generate", generate, methods=["POST"],
+                     responses={200: {"content": NDJSON, "description": "NDJSON pieces, or one object without stream"}})
+router.add_api_route("/api/chat", chat, methods=["POST"],
+                     responses={200: {"content": NDJSON, "description": "NDJSON pieces, or one object without stream"}})
+router.add_api_route("/api/show", show, methods=["POST"])
+router.add_api_route("/api/ps", ps, methods=["GET"])
+router.add_api_route("/api/pull", pull, methods=["POST"], description=NO_SOURCE)
+router.add_api_route("/api/delete", delete, methods=["DELETE"])
+router.add_api_route("/api/embed", embed, methods=["POST"])
+router.add_api_route("/api/embeddings", embeddings, methods=["POST"])
+for _path, _method in (("/api/copy", "POST"), ("/api/push", "POST"), ("/api/create", "POST"),
+                       ("/api/blobs/{digest}", "HEAD"), ("/api/blobs/{digest}", "POST")):
+    router.add_api_route(_path, unsupported, methods=[_method], description="unsupported: always 501")
+
+# Ollama also serves the OpenAI routes under /v1, its model list included.
+ROUTERS = [router, *openai.ROUTERS]
 
 
 async def ndjson_events(unit_stream: UnitStream, head: Any, piece):

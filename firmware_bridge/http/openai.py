@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import logging
+import struct
 import time
 import uuid
 import wave
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Literal, Optional
 
-from fastapi import FastAPI
+from fastapi import APIRouter, File, Form, UploadFile
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from firmware_bridge.http.common import (call_unit, capabilities, finish_reason, number, open_llm, read_json,
-                                         require_capability, stop_list, usage_totals)
+from core.sampling import INT32_MAX
+from firmware_bridge.http.common import (call_unit, capabilities, error_responses, finish_reason, gateway, number,
+                                         open_llm, require_capability, stop_list, usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
+from firmware_bridge.http.schemas import (Body, MaxTokens, MinP, OpenAIError, RepetitionPenalty, Seed, Stop, Texts,
+                                          TopK, TopP, bounded)
 from firmware_bridge.http.streaming import UnitStream, collect, openai_sse, sse, sse_response
 
 log = logging.getLogger(__name__)
@@ -183,175 +187,287 @@ def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int, mode
     return openai_sse(unit_stream, head, keepalive_s, render)
 
 
+# request bodies -----------------------------------------------------------------------------------
+class Part(Body):
+    type: str = Field(description="text, image_url, input_image or input_audio (the last three need a model "
+                                  "with vision or audio)")
+    text: Optional[str] = None
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[str | list[Part]] = None
+    name: Optional[str] = None
+
+
+class StreamOptions(Body):
+    include_usage: Optional[bool] = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class Sampling(Body):
+    model: str
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: MaxTokens = None
+    temperature: bounded("temperature", 0, 2) = None  # type: ignore[valid-type]
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    seed: Seed = None
+    presence_penalty: bounded("presence_penalty", -2, 2) = None  # type: ignore[valid-type]
+    frequency_penalty: bounded("frequency_penalty", -2, 2) = None  # type: ignore[valid-type]
+    repetition_penalty: RepetitionPenalty = None
+    n: Optional[int] = Field(None, ge=1, le=128, strict=True, description="only 1 is supported")
+    stop: Stop = None
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100, strict=True, allow_inf_nan=False)]]] = \
+        Field(None, description="token id -> bias; needs a model with the logit_bias capability")
+    response_format: Optional[ResponseFormat] = None
+    logprobs: Optional[bool] = Field(None, description="not supported (true is a 400)")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True, description="not supported")
+    user: Optional[str] = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: MaxTokens = None
+    tools: Optional[list[dict[str, Any]]] = None
+    functions: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[str | dict[str, Any]] = None
+
+
+class CompletionRequest(Sampling):
+    prompt: Texts = Field(description="one string (a list of one string is accepted)")
+    suffix: Optional[str] = None
+    echo: Optional[bool] = None
+    best_of: Optional[int] = Field(None, ge=1, le=20, strict=True)
+
+
+class EmbeddingRequest(Body):
+    model: str
+    input: Texts
+    encoding_format: Optional[Literal["float", "base64"]] = None
+    dimensions: Optional[int] = Field(None, ge=1, le=INT32_MAX, strict=True)
+    user: Optional[str] = None
+
+
+class CancelRequest(Body):
+    id: str
+
+
+class SpeechRequest(Body):
+    input: str = Field(min_length=1, max_length=4096)
+    model: Optional[str] = None
+    voice: Optional[str] = None
+    response_format: Optional[Literal["wav", "pcm"]] = None
+    speed: Optional[float] = Field(None, ge=0.25, le=4.0, strict=True, allow_inf_nan=False)
+    stream_format: Optional[Literal["audio"]] = None
+    instructions: Optional[str] = None
+
+
+class ImageRequest(Body):
+    prompt: Optional[str] = None
+    model: Optional[str] = None
+
+
+# responses ----------------------------------------------------------------------------------------
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    model: str
+    url: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    project: str
+    data: list[ModelEntry]
+
+
 # routes -------------------------------------------------------------------------------------------
-def routes(app: FastAPI) -> None:
-    gw: Gateway = app.state.gateway
+def dbc(settings, body: dict) -> dict:
+    if settings["http.openai.dbc_fields"]:
+        body.update({"code": 0, "message": "success"})
+    return body
+
+
+async def completions(request: Request, body: Sampling, completion: bool) -> Response:
+    gw = gateway(request)
     settings = gw.settings
+    fields = body.fields()
+    model = body.model
+    manifest = await gw.find(model)
+    data = completion_data(fields, manifest) if completion else chat_data(fields, manifest)
+    stream = body.stream is True
+    options = fields.get("stream_options") or {}
+    rid = new_id("cmpl" if completion else "chatcmpl")
+    created = int(time.time())
+    notes: dict[str, int] = {}
+    _, unit_stream, head = await open_llm(gw, request, manifest, data, rid, keepalive=stream, notes=notes)
+    headers = {"X-Unitbus-Truncated-Messages": str(notes["truncated"])} if notes else {}
+    if stream:
+        return sse_response(chat_events(unit_stream, head, rid, created, model,
+                                        float(settings["http.sse_keepalive_s"]), bool(options.get("include_usage")),
+                                        completion), headers)
+    text, last = await collect(unit_stream, head, request)
+    if completion:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason(last)}
+    return JSONResponse(dbc(settings, {"id": rid, "object": "text_completion" if completion else "chat.completion",
+                                       "created": created, "model": model, "system_fingerprint": FINGERPRINT,
+                                       "choices": [choice], "usage": usage_totals(last.get("usage"))}),
+                        headers=headers)
 
-    def dbc(body: dict) -> dict:
-        if settings["http.openai.dbc_fields"]:
-            body.update({"code": 0, "message": "success"})
-        return body
 
-    async def completions(request: Request, completion: bool) -> Response:
-        body = await read_json(request)
-        model = body.get("model")
-        manifest = await gw.find(model)
-        data = completion_data(body, manifest) if completion else chat_data(body, manifest)
-        stream = body.get("stream") is True
-        options = body.get("stream_options") or {}
-        rid = new_id("cmpl" if completion else "chatcmpl")
-        created = int(time.time())
-        notes: dict[str, int] = {}
-        _, unit_stream, head = await open_llm(gw, request, manifest, data, rid, keepalive=stream, notes=notes)
-        headers = {"X-Unitbus-Truncated-Messages": str(notes["truncated"])} if notes else {}
-        if stream:
-            return sse_response(chat_events(unit_stream, head, rid, created, model,
-                                            float(settings["http.sse_keepalive_s"]),
-                                            bool(isinstance(options, dict) and options.get("include_usage")),
-                                            completion), headers)
-        text, last = await collect(unit_stream, head, request)
-        if completion:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason(last)}
-        return JSONResponse(dbc({"id": rid, "object": "text_completion" if completion else "chat.completion",
-                                 "created": created, "model": model, "system_fingerprint": FINGERPRINT,
-                                 "choices": [choice], "usage": usage_totals(last.get("usage"))}), headers=headers)
+async def chat(request: Request, body: ChatRequest) -> Response:
+    return await completions(request, body, False)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await completions(request, False)
 
-    @app.post("/v1/completions")
-    async def complete(request: Request) -> Response:
-        return await completions(request, True)
+async def complete(request: Request, body: CompletionRequest) -> Response:
+    return await completions(request, body, True)
 
-    def model_entry(manifest: dict, request: Request) -> dict:
-        meta = gw.meta(manifest)
-        base = settings["http.public_url"] or f"{request.url.scheme}://{request.url.netloc}"
-        path = {"asr": "/v1/audio/transcriptions", "tts": "/v1/audio/speech",
-                "image": "/v1/images/generations"}.get(manifest["type"], "/v1/chat/completions")
-        return {"id": manifest["mode"], "object": "model", "created": int(meta["mtime"]), "owned_by": "unitbus",
-                "model": manifest["mode"], "url": base.rstrip("/") + path}
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> Response:
-        models = await gw.models(("llm", "asr", "tts", "image"))
-        return JSONResponse({"object": "list", "project": settings["http.openai.project"],
-                             "data": [model_entry(m, request) for m in models]})
+def model_entry(gw: Gateway, manifest: dict, request: Request) -> dict:
+    meta = gw.meta(manifest)
+    base = gw.settings["http.public_url"] or f"{request.url.scheme}://{request.url.netloc}"
+    path = {"asr": "/v1/audio/transcriptions", "tts": "/v1/audio/speech",
+            "image": "/v1/images/generations"}.get(manifest["type"], "/v1/chat/completions")
+    return {"id": manifest["mode"], "object": "model", "created": int(meta["mtime"]), "owned_by": "unitbus",
+            "model": manifest["mode"], "url": base.rstrip("/") + path}
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, request: Request) -> Response:
-        manifest = await gw.find(model, ("llm", "asr", "tts", "image"))
-        return JSONResponse(model_entry(manifest, request))
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        body = await read_json(request)
-        model = body.get("model")
-        manifest = await gw.find(model)
-        require_capability(manifest, "embed", "model", "embeddings")
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise GatewayError(400, "input: expected a string or a list of strings (token arrays are not supported)",
-                               code="unsupported_parameter", param="input")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise GatewayError(400, "encoding_format: float or base64", code="unsupported_parameter",
-                               param="encoding_format")
-        answer = await call_unit(gw, request, manifest, "llm.embed", {"input": texts}, new_id("embd"))
-        vectors = answer[0] if answer else []
-        if encoding == "base64":  # little-endian float32, what the openai client asks for by default
-            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
-        return JSONResponse({"object": "list", "model": model,
-                             "data": [{"object": "embedding", "index": i, "embedding": v}
-                                      for i, v in enumerate(vectors)],
-                             "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+async def list_models(request: Request) -> Response:
+    gw = gateway(request)
+    models = await gw.models(MODEL_TYPES)
+    return JSONResponse({"object": "list", "project": gw.settings["http.openai.project"],
+                         "data": [model_entry(gw, m, request) for m in models]})
 
-    @app.post("/v1/cancel")
-    async def cancel(request: Request) -> Response:
-        body = await read_json(request)
-        rid = body.get("id")
-        if not isinstance(rid, str) or not await gw.cancel(rid):
-            raise GatewayError(404, f"no running request {rid!r}", code="not_found")
-        return JSONResponse({"id": rid, "cancelled": True})
 
-    @app.post("/v1/images/generations")
-    @app.post("/v1/images/edits")
-    async def images(request: Request) -> Response:
-        if not await gw.models(("image",)):
-            raise GatewayError(501, "Unsupported function: no image model is installed")
-        raise GatewayError(501, "Unsupported function: image units are not supported by this gateway")
+async def get_model(model: str, request: Request) -> Response:
+    gw = gateway(request)
+    return JSONResponse(model_entry(gw, await gw.find(model, MODEL_TYPES), request))
 
-    async def default_model(kind: str, name: Any, defaults: tuple[str, ...]) -> dict:
-        if name in defaults or name is None:
-            models = await gw.models((kind,))
-            if not models:
-                raise GatewayError(404, f"no {kind} model is installed", code="model_not_found", param="model")
-            return models[0]
-        return await gw.find(name, (kind,))
 
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request) -> Response:
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise GatewayError(400, "file is required", param="file")
-        audio = await upload.read()
-        manifest = await default_model("asr", form.get("model"), ("whisper-1",))
-        fmt = form.get("response_format") or "json"
-        if fmt not in ("json", "text"):
-            raise GatewayError(400, f"response_format {fmt!r} is not supported", code="unsupported_parameter",
-                               param="response_format")
-        if audio[:4] == b"RIFF":
-            object = "asr.wav.base64"
-        elif (upload.content_type or "").startswith("audio/pcm"):
-            object = "asr.pcm.base64"
-        else:
-            raise GatewayError(400, "file: only WAV or raw 16 kHz S16LE (audio/pcm) is supported",
-                               code="unsupported_parameter", param="file")
-        answer = await call_unit(gw, request, manifest, object, base64.b64encode(audio).decode(), new_id("asr"))
-        texts = []
-        for item in answer:
-            text = item.get("delta") if isinstance(item, dict) else item
-            if isinstance(text, str) and text.strip():
-                texts.append(text.strip())
-        text = " ".join(texts)
-        return PlainTextResponse(text) if fmt == "text" else JSONResponse({"text": text})
+async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+    gw = gateway(request)
+    manifest = await gw.find(body.model)
+    require_capability(manifest, "embed", "model", "embeddings")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise GatewayError(400, "input: expected a string or a non-empty list of strings", param="input")
+    answer = await call_unit(gw, request, manifest, "llm.embed", {"input": texts}, new_id("embd"))
+    vectors = answer[0] if answer else []
+    if body.encoding_format == "base64":  # little-endian float32, what the openai client asks for by default
+        vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+    return JSONResponse({"object": "list", "model": body.model,
+                         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                         "usage": {"prompt_tokens": 0, "total_tokens": 0}})
 
-    @app.post("/v1/audio/speech")
-    async def speech(request: Request) -> Response:
-        body = await read_json(request)
-        text = body.get("input")
-        if not isinstance(text, str) or not text.strip() or len(text) > 4096:
-            raise GatewayError(400, "input: expected a string of 1..4096 characters", param="input")
-        if body.get("stream_format") == "sse":
-            raise GatewayError(400, "stream_format sse is not supported", code="unsupported_parameter",
-                               param="stream_format")
-        fmt = body.get("response_format") or "wav"
-        if fmt not in ("wav", "pcm"):
-            raise GatewayError(400, f"response_format {fmt!r} is not supported (wav, pcm)",
-                               code="unsupported_parameter", param="response_format")
-        speed = number(body, "speed", 0.25, 4.0)
-        voices = {m["mode"]: m for m in await gw.models(("tts",))}
-        voice = body.get("voice")
-        manifest = voices[voice] if isinstance(voice, str) and voice in voices else \
-            await default_model("tts", body.get("model"), ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"))
-        setup = {"spacker_speed": float(speed)} if speed is not None else {}
-        served = await gw.acquire(manifest, setup=setup)
-        answer = await gw.call(served, "tts.utf-8", text, new_id("tts"))
-        pcm = b"".join(base64.b64decode(item["delta"] if isinstance(item, dict) else item)
-                       for item in answer if (item.get("delta") if isinstance(item, dict) else item))
-        if fmt == "pcm":
-            return Response(pcm, media_type="audio/pcm")
-        out = io.BytesIO()
-        with wave.open(out, "wb") as wav:
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(int(served.setup.get("audio_rate", 16000)))
-            wav.writeframes(pcm)
-        return Response(out.getvalue(), media_type="audio/wav")
+
+async def cancel(request: Request, body: CancelRequest) -> Response:
+    if not await gateway(request).cancel(body.id):
+        raise GatewayError(404, f"no running request {body.id!r}", code="not_found")
+    return JSONResponse({"id": body.id, "cancelled": True})
+
+
+async def images(request: Request, body: Optional[ImageRequest] = None) -> Response:
+    if not await gateway(request).models(("image",)):
+        raise GatewayError(501, "Unsupported function: no image model is installed")
+    raise GatewayError(501, "Unsupported function: image units are not supported by this gateway")
+
+
+async def default_model(gw: Gateway, kind: str, name: Any, defaults: tuple[str, ...]) -> dict:
+    if name in defaults or name is None:
+        models = await gw.models((kind,))
+        if not models:
+            raise GatewayError(404, f"no {kind} model is installed", code="model_not_found", param="model")
+        return models[0]
+    return await gw.find(name, (kind,))
+
+
+async def transcriptions(request: Request, file: UploadFile = File(description="WAV, or raw 16 kHz S16LE as audio/pcm"),
+                         model: Optional[str] = Form(None), response_format: Optional[str] = Form(None),
+                         language: Optional[str] = Form(None), prompt: Optional[str] = Form(None),
+                         temperature: Optional[float] = Form(None)) -> Response:
+    gw = gateway(request)
+    audio = await file.read()
+    manifest = await default_model(gw, "asr", model, ("whisper-1",))
+    fmt = response_format or "json"
+    if fmt not in ("json", "text"):
+        raise GatewayError(400, f"response_format {fmt!r} is not supported", code="unsupported_parameter",
+                           param="response_format")
+    if audio[:4] == b"RIFF":
+        object = "asr.wav.base64"
+    elif (file.content_type or "").startswith("audio/pcm"):
+        object = "asr.pcm.base64"
+    else:
+        raise GatewayError(400, "file: only WAV or raw 16 kHz S16LE (audio/pcm) is supported",
+                           code="unsupported_parameter", param="file")
+    answer = await call_unit(gw, request, manifest, object, base64.b64encode(audio).decode(), new_id("asr"))
+    texts = []
+    for item in answer:
+        text = item.get("delta") if isinstance(item, dict) else item
+        if isinstance(text, str) and text.strip():
+            texts.append(text.strip())
+    text = " ".join(texts)
+    return PlainTextResponse(text) if fmt == "text" else JSONResponse({"text": text})
+
+
+async def speech(request: Request, body: SpeechRequest) -> Response:
+    gw = gateway(request)
+    if not body.input.strip():
+        raise GatewayError(400, "input: expected a string of 1..4096 characters", param="input")
+    voices = {m["mode"]: m for m in await gw.models(("tts",))}
+    manifest = voices[body.voice] if body.voice in voices else \
+        await default_model(gw, "tts", body.model, ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"))
+    # The speed travels with the request (tts.speech), so one task serves every speed without a reload;
+    # call_unit watches the client and cancels the synthesis when it leaves.
+    request_data = {"input": body.input} if body.speed is None else {"input": body.input, "speed": body.speed}
+    served = await watch(request, gw.acquire(manifest))
+    answer = await watch(request, gw.call(served, "tts.speech", request_data, new_id("tts")))
+    pcm = b"".join(base64.b64decode(item["delta"] if isinstance(item, dict) else item)
+                   for item in answer if (item.get("delta") if isinstance(item, dict) else item))
+    if body.response_format == "pcm":
+        return Response(pcm, media_type="audio/pcm")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(int(served.setup.get("audio_rate", 16000)))
+        wav.writeframes(pcm)
+    return Response(out.getvalue(), media_type="audio/wav")
+
+
+MODEL_TYPES = ("llm", "asr", "tts", "image")
+ERRORS = error_responses(OpenAIError)
+SSE = {"text/event-stream": {}}
+
+# The OpenAI routes, also served by the Ollama and Cortex listeners (which list models their own way).
+router = APIRouter(responses=ERRORS, tags=["openai"])
+router.add_api_route("/v1/chat/completions", chat, methods=["POST"],
+                     responses={200: {"content": SSE, "description": "a completion, or SSE chunks with stream"}})
+router.add_api_route("/v1/completions", complete, methods=["POST"],
+                     responses={200: {"content": SSE, "description": "a completion, or SSE chunks with stream"}})
+router.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
+router.add_api_route("/v1/cancel", cancel, methods=["POST"])
+router.add_api_route("/v1/images/generations", images, methods=["POST"], description="unsupported: always 501")
+router.add_api_route("/v1/images/edits", images, methods=["POST"], description="unsupported: always 501")
+router.add_api_route("/v1/audio/transcriptions", transcriptions, methods=["POST"],
+                     responses={200: {"content": {"text/plain": {}}, "description": "{text}, or the text alone"}})
+router.add_api_route("/v1/audio/speech", speech, methods=["POST"],
+                     responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}, "description": "the speech"}})
+
+# OpenAI's model list: only the OpenAI listener serves it.
+models_router = APIRouter(responses=ERRORS, tags=["openai"])
+models_router.add_api_route("/v1/models", list_models, methods=["GET"], response_model=ModelList)
+models_router.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"], response_model=ModelEntry)
+
+ROUTERS = [router, models_router]

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from core import sampling
+
 
 @dataclass
 class SamplerParams:
@@ -41,60 +43,41 @@ class SamplerParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        for name in ("top_p", "typical_p"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError("min_p must be in [0, 1]")
-        if self.top_k < 0 or self.penalty_window < 0:
-            raise ValueError("top_k and penalty_window must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
-        if not 0.0 < self.penalty_decay <= 1.0:
-            raise ValueError("penalty_decay must be in (0, 1]")
-        if self.mirostat_tau < 0 or self.mirostat_eta <= 0:
-            raise ValueError("mirostat tau must be >= 0 and eta > 0")
-        self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        for f in fields(self):
+            if f.name not in ("logit_bias", "seed"):
+                setattr(self, f.name, sampling.check(f.name, getattr(self, f.name)))
+        if self.seed is not None:
+            self.seed = sampling.check("seed", self.seed)
+        self.logit_bias = {int(k): sampling.check("logit_bias_value", v) for k, v in self.logit_bias.items()}
 
 
-# Ai00 `sampler` objects (http-apis.md §4.4): defaults per type; other keys are case-insensitive.
-_AI00_DEFAULTS = {
-    "Nucleus": {"top_p": 0.5, "top_k": 128, "temperature": 1.0, "presence_penalty": 0.3,
-                "frequency_penalty": 0.3, "penalty_decay": 0.99654026},
-    "Typical": {"tau": 0.5, "top_k": 128, "temperature": 1.0, "presence_penalty": 0.3,
-                "frequency_penalty": 0.3, "penalty_decay": 0.99654026},
-    "Mirostat": {"tau": 3.0, "rate": 0.1},
-}
 _FLAT_KEYS = {f.name for f in fields(SamplerParams)}
 
 
 def params_from_ai00(sampler: Mapping[str, Any]) -> dict[str, Any]:
     """An Ai00 `sampler`/`sampler_override` object as SamplerParams keyword arguments."""
     kind = sampler.get("type", "Nucleus")
-    if kind not in _AI00_DEFAULTS:
-        raise ValueError(f"sampler type {kind!r} is not one of {sorted(_AI00_DEFAULTS)}")
+    if kind not in sampling.AI00_SAMPLERS:
+        raise ValueError(f"sampler type {kind!r} is not one of {sorted(sampling.AI00_SAMPLERS)}")
     given = {str(k).lower(): v for k, v in sampler.items() if k != "type"}
     if "learning_rate" in given:
         given.setdefault("rate", given.pop("learning_rate"))
     if "penalty" in given:
-        half_life = float(given.pop("penalty"))
-        if "penalty_decay" not in given and half_life > 0:
+        half_life = sampling.check("penalty_half_life", given.pop("penalty"))
+        if "penalty_decay" not in given:
             given["penalty_decay"] = 0.5 ** (1.0 / half_life)  # a half-life in tokens
-    values = {**_AI00_DEFAULTS[kind], **given}
-    unknown = set(values) - set(_AI00_DEFAULTS[kind]) - {"penalty_decay"}
+    values = {**sampling.AI00_SAMPLERS[kind], **given}
+    unknown = set(values) - set(sampling.AI00_SAMPLERS[kind]) - {"penalty_decay"}
     if unknown:
         raise ValueError(f"{kind} sampler does not take {sorted(unknown)}")
     if kind == "Mirostat":
-        return {"mirostat_tau": float(values["tau"]), "mirostat_eta": float(values["rate"])}
+        return {"mirostat_tau": values["tau"], "mirostat_eta": values["rate"]}
     out = {k: values[k] for k in ("top_k", "temperature", "presence_penalty", "frequency_penalty", "penalty_decay")}
-    out["top_k"] = int(out["top_k"])
     if kind == "Nucleus":
-        out["top_p"] = float(values["top_p"])
+        out["top_p"] = values["top_p"]
     else:
         # A mass above 1 (the Ai00 docs' example uses tau 5) keeps every candidate.
-        out["typical_p"] = min(1.0, float(values["tau"]))
+        out["typical_p"] = min(1.0, sampling.check("typical_tau", values["tau"]))
     return out
 
 

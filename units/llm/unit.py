@@ -57,6 +57,7 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, "context_overflow must be \"error\" or \"reset\"")
         if params["max_token_len"] < 1:
             raise UnitError(ErrorCode.JSON_FORMAT, "max_token_len must be at least 1")
+        self._sampling(params, {})  # a setup's sampling values fail here, not at every inference
         progress = task.state.get("progress")
         if progress:
             progress(0)
@@ -234,7 +235,7 @@ class LlmUnit(Unit):
             "top_k": params["top_k"] if params["enable_top_k_sampling"] else 0,
             "repetition_penalty": params["repetition_penalty"] if params["enable_repetition_penalty"] else 1.0,
             "penalty_window": params["penalty_window"],
-            "seed": params["seed"] if params["seed"] >= 0 else None,
+            "seed": params["seed"],
         }
         values.update({k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None})
         if isinstance(values.get("logit_bias"), dict):
@@ -242,6 +243,8 @@ class LlmUnit(Unit):
                 values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
             except (TypeError, ValueError):
                 raise UnitError(ErrorCode.JSON_FORMAT, "logit_bias: token id -> number") from None
+        if isinstance(values["seed"], int) and values["seed"] < 0:
+            values["seed"] = None  # StackFlow's -1: a fresh seed per request
         try:
             return params_from_request(values)
         except (TypeError, ValueError) as exc:

@@ -140,6 +140,9 @@ class TtsUnit(Unit):
         return sentences, finish
 
     def on_inference(self, job: Job) -> None:
+        if ObjectType.parse(job.object).has("speech"):
+            self._speak_request(job)
+            return
         if isinstance(job.payload, dict):
             self._speak_pieces(job)
             return
@@ -148,6 +151,19 @@ class TtsUnit(Unit):
         if not isinstance(job.payload, str):
             raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
         self._speak(job, job.payload)
+        if job.task.stream_output and job.task.enoutput and not job.cancelled:
+            job.stream("", True)
+
+    def _speak_request(self, job: Job) -> None:
+        """tts.speech, the gateways' extension: {"input": text, "speed": number}. The speed is per request,
+        so one task serves every speed without reloading the voice."""
+        request = job.payload
+        if not isinstance(request, dict) or not isinstance(request.get("input"), str):
+            raise UnitError(ErrorCode.JSON_FORMAT, 'tts.speech: {"input": text, "speed": number}')
+        speed = request.get("speed", job.task.state["speed"])
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not MIN_SPEED <= speed <= MAX_SPEED:
+            raise UnitError(ErrorCode.JSON_FORMAT, f"speed must be a number between {MIN_SPEED} and {MAX_SPEED}")
+        self._speak(job, request["input"], float(speed))
         if job.task.stream_output and job.task.enoutput and not job.cancelled:
             job.stream("", True)
 
@@ -230,13 +246,14 @@ class TtsUnit(Unit):
             task.state["out_index"][key] = job.index
             job.finished = True  # more chunks follow: the base must not end this stream for us
 
-    def _speak(self, job: Job, text: str) -> None:
+    def _speak(self, job: Job, text: str, speed: float | None = None) -> None:
         task = job.task
         voice: TtsVoice = task.state["voice"]
         rate = task.params["audio_rate"]
         sentence: list[np.ndarray] = []  # a non-stream format answers one message per sentence
         try:
-            for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"], audio.RATE):
+            for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"] if speed is None else speed,
+                                                          audio.RATE):
                 if job.cancelled:
                     return
                 if task.state["play"] and pcm.size:

@@ -41,7 +41,7 @@ def test_ai00_stream_and_sampler(http_stack):
     assert contents and contents[0] == contents[0].lstrip()
     bad = httpx.post(http_stack.url("ai00", "/api/oai/chat/completions"),
                      json={**WATER, "sampler": {"type": "nucleus"}})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampler"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampler.type"
 
 
 def test_ai00_completions_and_chooses(http_stack):

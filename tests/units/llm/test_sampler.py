@@ -136,9 +136,18 @@ def test_request_params_and_validation():
     assert (p.temperature, p.top_p, p.seed, p.logit_bias) == (0.2, 0.9, 3, {5: -1.0})
     p = params_from_request({"temperature": 0.2, "sampler": {"type": "Mirostat"}})
     assert p.mirostat_tau == 3.0 and p.temperature == 0.2
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"penalty_decay": 1.5}, {"top_k": -2}):
+    nan, inf = float("nan"), float("inf")
+    for bad in ({"temperature": -1}, {"top_p": 1.5}, {"penalty_decay": 1.5}, {"top_k": -2}, {"temperature": nan},
+                {"temperature": inf}, {"presence_penalty": nan}, {"frequency_penalty": -inf}, {"top_k": 10**30},
+                {"seed": 10**30}, {"top_k": 2.5}, {"top_p": True}, {"logit_bias": {1: nan}}):
         with pytest.raises(ValueError):
             SamplerParams(**bad)
+    for bad in ({"type": "Typical", "tau": nan}, {"type": "Nucleus", "top_k": inf}, {"type": "Nucleus", "penalty": nan}):
+        with pytest.raises(ValueError):
+            params_from_request({"sampler": bad})
+    # top_p 0 keeps the single most likely token, the same at every face (core/sampling.py).
+    assert SamplerParams(top_p=0).top_p == 0
+    assert (Sampler(SamplerParams(top_p=0.0, seed=1)).sample(np.array([0.0, 3.0, 1.0])) == 1)
 
 
 def test_nucleus_without_top_k_matches_a_full_sort():
