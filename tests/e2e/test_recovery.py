@@ -49,7 +49,13 @@ def test_kill_9_of_sys_mid_stream_ends_tcp_and_openai_streams_and_recovers(stack
                                             "http.cortex.enabled": "false"})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     model = "smollm2-135m-instruct"
-    wait_until(lambda: client.completions.create(model=model, prompt="Hi", max_tokens=1), 120, "the llm loaded")
+    def loaded() -> bool:
+        try:
+            return bool(client.completions.create(model=model, prompt="Hi", max_tokens=1))
+        except openai.APIConnectionError:
+            return False  # the gateway is not listening yet
+
+    wait_until(loaded, 120, "the gateway up and the llm loaded")
 
     openai_started, openai_outcome = threading.Event(), {}
 

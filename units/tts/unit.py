@@ -250,8 +250,9 @@ class TtsUnit(Unit):
         task = job.task
         voice: TtsVoice = task.state["voice"]
         rate = task.params["audio_rate"]
-        # A stream is resampled to the client's rate as one signal, so its chunk edges stay seamless.
-        stream = audio.Resampler(audio.RATE, rate) if task.stream_output else None
+        # A stream is resampled to the client's rate as one signal, so its chunk edges stay seamless; at the
+        # bus rate the samples go out as they are.
+        stream = audio.Resampler(audio.RATE, rate) if task.stream_output and rate != audio.RATE else None
         sentence: list[np.ndarray] = []  # a non-stream format answers one message per sentence
         try:
             for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"] if speed is None else speed,
@@ -263,24 +264,29 @@ class TtsUnit(Unit):
                 if not task.enoutput:
                     continue
                 if stream is not None:
-                    self._return_audio(job, stream.push(pcm.astype(np.float32) / 32768.0))
+                    self._return_audio(job, audio.float_to_int16(stream.push(pcm.astype(np.float32) / 32768.0)))
+                    continue
+                if task.stream_output:
+                    self._return_audio(job, pcm)
                     continue
                 sentence.append(pcm)
                 if sentence_end:
-                    whole = np.concatenate(sentence).astype(np.float32) / 32768.0
+                    whole = np.concatenate(sentence)
                     sentence = []
-                    self._return_audio(job, audio.resample(whole, audio.RATE, rate))
+                    if rate != audio.RATE:
+                        whole = audio.float_to_int16(audio.resample(whole.astype(np.float32) / 32768.0, audio.RATE, rate))
+                    self._return_audio(job, whole)
             if stream is not None and task.enoutput:
-                self._return_audio(job, stream.flush())
+                self._return_audio(job, audio.float_to_int16(stream.flush()))
         except TtsError as exc:
             raise UnitError(ErrorCode.MODEL_RUN, str(exc)) from None
 
     @staticmethod
     def _return_audio(job: Job, pcm: np.ndarray) -> None:
-        """float audio at the client's rate, as base64 int16: a stream chunk or one message (none if empty)."""
+        """int16 audio at the client's rate, in base64: a stream chunk or one message (none if empty)."""
         if not pcm.size:
             return
-        data = base64.b64encode(audio.float_to_int16(pcm).astype("<i2").tobytes()).decode("ascii")
+        data = base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")
         if job.task.stream_output:
             job.stream(data)
         else:
