@@ -36,12 +36,16 @@ class WorkId:
         return self.unit if self.number is None else f"{self.unit}.{self.number}"
 
 
+ANY_BOARD = "*"  # `llm@*`: any board of the fleet that serves the model (a load-balanced inference)
+
+
 def split_board(text: str) -> tuple[str, str | None]:
-    """'llm.1003@kitchen' -> ('llm.1003', 'kitchen'); no '@' -> (text, None); a bad board name -> (text, '')."""
+    """'llm.1003@kitchen' -> ('llm.1003', 'kitchen'); 'llm@*' -> ('llm', '*'); no '@' -> (text, None);
+    a bad board name -> (text, '')."""
     local, sep, board = text.rpartition("@")
     if not sep:
         return text, None
-    return (local, board) if BOARD_NAME.fullmatch(board) else (text, "")
+    return (local, board) if BOARD_NAME.fullmatch(board) or board == ANY_BOARD else (text, "")
 
 
 def on_board(work_id: str, board: str) -> str:

@@ -132,6 +132,9 @@ DEFAULTS: dict[str, Any] = {
     "fleet.alive_s": 0.5,  # each board announces itself this often
     "fleet.liveness_s": 2.0,  # a board silent this long is gone: its requests in flight are answered
     "fleet.discover_s": 0.3,  # how long a fleet-wide listing waits for boards to answer $SRV.PING
+    "fleet.balance": False,  # the HTTP gateways send llm inferences to any board serving the model (llm@*)
+    "fleet.slots": 1,  # load-balanced inferences this board runs at once; more are answered "busy"
+    "fleet.balance_wait_s": 120.0,  # how long a load-balanced inference waits for a board that is not busy
 }
 
 

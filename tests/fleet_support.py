@@ -55,3 +55,28 @@ def setup_llm(c: StackFlowClient, work_id: str, request_id: str = "setup", **ext
 
 def text_of(chunks: list[dict]) -> str:
     return "".join(m["data"]["delta"] for m in chunks)
+
+
+async def fleet_stats(url: str, token: str = TOKEN, window_s: float = 0.5) -> dict[str, dict[str, dict]]:
+    """$SRV.STATS.unitbus from every board, read with a bare nats-py client: {board: {subject: endpoint data}}."""
+    import json
+
+    import nats
+
+    nc = await nats.connect(url, token=token)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.STATS.unitbus", b"", reply=inbox)
+        out: dict[str, dict[str, dict]] = {}
+        deadline = time.monotonic() + window_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            stats = json.loads(msg.data)
+            out[stats["metadata"]["board"]] = {e["subject"]: e.get("data") or {} for e in stats["endpoints"]}
+        return out
+    finally:
+        await nc.close()

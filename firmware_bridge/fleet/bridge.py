@@ -16,21 +16,31 @@ import json
 import logging
 import ssl
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from core import bus
 from core.client import BusClient
 from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
-from core.ids import on_board, split_board
+from core.ids import ANY_BOARD, on_board, split_board
 from core.settings import Settings
 from core.sys.fleet import FLEET_UNIT
 from firmware_bridge.fleet import wire
+from firmware_bridge.pool import TaskPool
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
+BUSY_RETRY_S = 0.05  # pause before a load-balanced request that found its board busy is offered again
+
+
+class NoResponders(Exception):
+    """Nobody subscribes the subject (NATS answers at once)."""
+
+
+class BoardGone(Exception):
+    """The board answering a request went silent (or this board lost NATS)."""
 
 
 def origin_key(board: str, client: bytes, conn: int) -> str:
@@ -50,9 +60,16 @@ class FleetBridge:
         self.alive_s = float(settings["fleet.alive_s"])
         self.liveness_s = float(settings["fleet.liveness_s"])
         self.discover_s = float(settings["fleet.discover_s"])
+        self.slots = int(settings["fleet.slots"])
+        self.balance_wait_s = float(settings["fleet.balance_wait_s"])
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
         self.client = BusClient(settings.bus_endpoint(), name="fleet", heartbeat_s=self.heartbeat_s,
                                 liveness_s=float(settings["bus.liveness_s"]))
+        # Load-balanced inferences run on this board's own pool tasks (never balanced again from here).
+        self.pool = TaskPool(settings, self.client, name=f"fleet-{self.board}", keep_alive=settings["http.keep_alive"],
+                             max_queue=max(1, self.slots), balance=False)
+        self.balanced_running = 0
+        self.model_counts: dict[str, dict[str, int]] = {}  # model subject -> accepted / busy answers ($SRV.STATS)
         self._ctx = bus.Context()
         self.sock: bus.DealerSocket | None = None
         self.nc = None
@@ -60,6 +77,8 @@ class FleetBridge:
         self.seen: dict[str, float] = {}  # board -> when it last announced itself (monotonic)
         self.exported: dict[str, int] = {}  # remote origin -> the bus connection serving it here
         self.serving: dict[str, set[asyncio.Task]] = {}  # remote origin -> tasks answering its requests
+        self.calls: dict[str, asyncio.Task] = {}  # a remote request's call key -> the task answering it
+        self.balanced_calls: dict[tuple[bytes, str], set[asyncio.Task]] = {}  # (client, request_id) -> llm@* out
         self.forwarding: dict[tuple[bytes, int], set[asyncio.Task]] = {}  # local (client, conn) -> requests out
         self._background: set[asyncio.Task] = set()
 
@@ -75,13 +94,19 @@ class FleetBridge:
                                      reconnected_cb=self._nats_reconnected)
         await self.nc.subscribe(wire.alive_subject("*"), cb=self._on_alive)
         await self.nc.subscribe(wire.GONE, cb=self._on_gone)
+        await self.nc.subscribe(wire.CANCEL, cb=self._on_cancel)
         await self.nc.subscribe(wire.sink_subject(self.board), cb=self._on_sink)
         self.service = await add_service(self.nc, name=wire.SERVICE, version=VERSION,
-                                         description="unitbus board", metadata={"board": self.board})
+                                         description="unitbus board", metadata={"board": self.board},
+                                         stats_handler=self._endpoint_stats)
         await self.service.add_endpoint(name="board", subject=wire.board_subject(self.board), handler=self._on_request,
                                         metadata={"board": self.board})
+        for mode in self._served_models():
+            await self.service.add_endpoint(name=f"model-{wire.model_subject(mode).rsplit('.', 1)[1]}",
+                                            subject=wire.model_subject(mode), queue_group=wire.MODEL_QUEUE,
+                                            handler=self._on_model, metadata={"board": self.board, "model": mode})
         await self.nc.flush()
-        await self.client.start()
+        await self.pool.start()
         self.sock = self._ctx.dealer(self.settings.bus_endpoint())
         self._hello()
         for loop in (self._unit_loop(), self._heartbeat_loop(), self._alive_loop()):
@@ -116,7 +141,7 @@ class FleetBridge:
             self.sock.close()
             self.sock = None
         self._ctx.term()
-        await self.client.close()
+        await self.pool.close()
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -249,6 +274,18 @@ class FleetBridge:
             if board is None:
                 self._answer(route, await self._fleet_listing(request, origin), True)
                 return
+            if board == ANY_BOARD:
+                if request.action == "pause":  # data: the request_id of the inference to stop
+                    for task in self.balanced_calls.get((route[0], str(request.data)), set()):
+                        task.cancel()
+                    self._answer(route, reply(request), True)
+                    return
+                key = (route[0], request.request_id)
+                self._track(self.balanced_calls, key, asyncio.current_task())
+                async for response in self.balanced(local_id, request, origin):
+                    self._answer(route, response, False)
+                self._answer(route, None, True)
+                return
             remote = Request(request.request_id, local_id, request.action, request.object, request.data,
                              request.token)
             async for response in self.remote(board, remote, origin, message.binary):
@@ -263,43 +300,113 @@ class FleetBridge:
             self._answer(route, error_reply(request.request_id, request.work_id, ErrorCode.OPERATION_FAILED,
                                             f"fleet bridge: {type(exc).__name__}: {exc}"), True)
 
-    async def remote(self, board: str, request: Request, origin: str,
-                     binary: bytes | None = None) -> AsyncIterator[Response]:
-        """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
+    async def _exchange(self, subject: str, body: bytes, origin: str, board: Callable[[], str | None]
+                        ) -> AsyncIterator[dict]:
+        """One request on `subject` and the bodies answered on its inbox until the final one.
+
+        Raises NoResponders when nobody subscribes `subject`, BoardGone when the answering board (`board()`,
+        or anyone before a board is known) is silent for fleet.liveness_s. A caller that stops early
+        cancels the request on the answering board.
+        """
         if self.nc is None or not self.nc.is_connected:
-            raise UnitError(ErrorCode.UNIT_CALL, "this board has lost its NATS server; reconnecting")
+            raise BoardGone("this board has lost its NATS server; reconnecting")
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         started = time.monotonic()
+        finished = False
         try:
-            await self.nc.publish(wire.board_subject(board), wire.pack(request=request.to_dict(), binary=binary),
-                                  reply=inbox, headers={wire.ORIGIN_HEADER: origin})
+            await self.nc.publish(subject, body, reply=inbox, headers={wire.ORIGIN_HEADER: origin,
+                                                                        wire.CALL_HEADER: inbox})
             while True:
                 try:
                     msg = await sub.next_msg(timeout=WAIT_STEP_S)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # nats' TimeoutError: nothing yet; is the board still there?
-                    last = max(self.seen.get(board, 0.0), started)
+                    name = board()
+                    last = max(self.seen.get(name, 0.0) if name else 0.0, started)
                     if time.monotonic() - last > self.liveness_s:
-                        raise UnitError(ErrorCode.UNIT_CALL, f"board {board} stopped answering "
-                                                             f"(silent for {self.liveness_s:g} s)") from None
+                        finished = True
+                        raise BoardGone(f"board {name or 'of ' + subject} stopped answering "
+                                        f"(silent for {self.liveness_s:g} s)") from None
                     continue
                 if msg.headers and msg.headers.get("Status") == "503":
-                    raise UnitError(ErrorCode.UNIT_CALL, f"no board named {board} in the fleet (no responders)")
-                self.seen[board] = time.monotonic()
+                    finished = True
+                    raise NoResponders(subject)
+                started = time.monotonic()
                 try:
-                    body = wire.unpack(msg.data)
-                    if body.get("final"):
-                        return
-                    yield Response.from_dict(body["response"])
-                except (wire.WireError, KeyError, TypeError, ValueError) as exc:
-                    raise UnitError(ErrorCode.UNIT_CALL, f"board {board} sent a bad answer: {exc}") from None
+                    reply_body = wire.unpack(msg.data)
+                except wire.WireError as exc:
+                    raise UnitError(ErrorCode.UNIT_CALL, f"{subject}: a bad answer: {exc}") from None
+                if reply_body.get("final"):
+                    finished = True
+                    return
+                yield reply_body
         finally:
             try:
                 await sub.unsubscribe()
+                if not finished and self.nc.is_connected:
+                    await self.nc.publish(wire.CANCEL, wire.pack(call=inbox))
             except Exception as exc:  # the connection closed meanwhile: the subscription went with it
-                log.debug("unsubscribe %s: %s", inbox, exc)
+                log.debug("closing %s: %s", inbox, exc)
+
+    async def remote(self, board: str, request: Request, origin: str,
+                     binary: bytes | None = None) -> AsyncIterator[Response]:
+        """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
+        body = wire.pack(request=request.to_dict(), binary=binary)
+        try:
+            async for reply_body in self._exchange(wire.board_subject(board), body, origin, lambda: board):
+                self.seen[board] = time.monotonic()
+                try:
+                    yield Response.from_dict(reply_body["response"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise UnitError(ErrorCode.UNIT_CALL, f"board {board} sent a bad answer: {exc}") from None
+        except NoResponders:
+            raise UnitError(ErrorCode.UNIT_CALL, f"no board named {board} in the fleet (no responders)") from None
+        except BoardGone as exc:
+            raise UnitError(ErrorCode.UNIT_CALL, str(exc)) from None
+
+    async def balanced(self, unit: str, request: Request, origin: str) -> AsyncIterator[Response]:
+        """`<unit>@*` inference: to one board that serves data.model and is not busy. A board that answers
+        "busy", or disappears before its first output, hands the request to another."""
+        data = request.data
+        if unit != "llm" or request.action != "inference" or not isinstance(data, dict) \
+                or not isinstance(data.get("model"), str) or "input" not in data:
+            raise UnitError(ErrorCode.JSON_FORMAT, f"{request.work_id} takes inference with data "
+                                                   '{"model": ..., "input": ..., "setup": {...}}, and pause')
+        body = wire.pack(request_id=request.request_id, object=request.object, model=data["model"],
+                         input=data["input"], setup=data.get("setup") if isinstance(data.get("setup"), dict) else {})
+        deadline = time.monotonic() + self.balance_wait_s
+        work_id = request.work_id
+        while True:
+            taker: list[str] = []
+            busy = yielded = False
+            try:
+                async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin,
+                                                       lambda: taker[0] if taker else None):
+                    if "accepted" in reply_body:
+                        taker.append(str(reply_body["accepted"]))
+                    elif reply_body.get("busy"):
+                        busy = True
+                    else:
+                        response = Response.from_dict(reply_body["response"])
+                        work_id = response.work_id
+                        yielded = True
+                        yield response
+                if not busy:
+                    return
+            except NoResponders:
+                raise UnitError(ErrorCode.MODEL_LOADING, f"no board in the fleet serves {data['model']}") from None
+            except BoardGone as exc:
+                if yielded:
+                    raise UnitError(ErrorCode.UNIT_CALL, message=f"{work_id}: {exc}") from None
+                log.warning("%s: %s before its first output; handing it to another board", request.request_id, exc)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UnitError(ErrorCode.UNIT_CALL, f"a bad answer from board {taker}: {exc}") from None
+            if time.monotonic() > deadline:
+                raise UnitError(ErrorCode.QUEUE_FULL, f"every board serving {data['model']} stayed busy for "
+                                                      f"{self.balance_wait_s:g} s")
+            await asyncio.sleep(BUSY_RETRY_S)
 
     async def _fleet_listing(self, request: Request, origin: str) -> Response:
         """sys.lstask / lsmode / hwinfo of every board: {board: data}; lstask's work_ids name their board."""
@@ -324,10 +431,71 @@ class FleetBridge:
         return reply(request, "sys", data=dict(zip(boards, results)), object=f"sys.{request.action}")
 
     # export: requests of other boards to this one ------------------------------------------------
+    def _served_models(self) -> list[str]:
+        from core.manifest import ManifestStore
+
+        return sorted(m.mode for m in ManifestStore(self.settings.as_dict()).all() if m.type == "llm")
+
+    def _start_serving(self, req, coro_of) -> None:
+        headers = req.headers or {}
+        origin, call = headers.get(wire.ORIGIN_HEADER, ""), headers.get(wire.CALL_HEADER, "")
+        task = self.spawn(coro_of(req, origin))
+        self._track(self.serving, origin, task)
+        if call:
+            self.calls[call] = task
+            task.add_done_callback(lambda _: self.calls.pop(call, None))
+
     async def _on_request(self, req) -> None:
         # The endpoint's handler runs one message at a time: answer each in its own task.
-        origin = (req.headers or {}).get(wire.ORIGIN_HEADER, "")
-        self._track(self.serving, origin, self.spawn(self._serve(req, origin)))
+        self._start_serving(req, self._serve)
+
+    def _endpoint_stats(self, stats) -> dict:
+        return {"running": self.balanced_running, "slots": self.slots, **self.model_counts.get(stats.subject, {})}
+
+    async def _on_model(self, req) -> None:
+        counts = self.model_counts.setdefault(req.subject, {"accepted": 0, "busy": 0})
+        if self.balanced_running >= self.slots:
+            counts["busy"] += 1
+            await req.respond(wire.pack(busy=True))
+            await req.respond(wire.pack(final=True))
+            return
+        self.balanced_running += 1  # counted here: the next message of the queue already sees it
+        counts["accepted"] += 1
+        self._start_serving(req, self._serve_model)
+
+    async def _serve_model(self, req, origin: str) -> None:
+        """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
+        try:
+            await req.respond(wire.pack(accepted=self.board))
+            try:
+                body = wire.unpack(req.data)
+                request_id, object, model = str(body["request_id"]), str(body["object"]), str(body["model"])
+                data, setup = body["input"], body.get("setup") or {}
+            except (wire.WireError, KeyError, TypeError) as exc:
+                await req.respond(wire.pack(response=error_reply("0", "llm@*", ErrorCode.JSON_FORMAT, str(exc)).to_dict()))
+                await req.respond(wire.pack(final=True))
+                return
+            try:
+                served = await self.pool.acquire(await self.pool.find(model), setup=setup or None)
+                work_id = on_board(served.work_id, self.board)
+                async for response in self.pool.stream(served, data, request_id, object, whole=True):
+                    response.work_id = work_id
+                    await req.respond(wire.pack(response=response.to_dict()))
+            except UnitError as exc:
+                await req.respond(wire.pack(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict()))
+            await req.respond(wire.pack(final=True))
+        finally:
+            self.balanced_running -= 1
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            call = wire.unpack(msg.data).get("call")
+        except wire.WireError as exc:
+            log.warning("%s", exc)
+            return
+        task = self.calls.pop(call, None) if isinstance(call, str) else None
+        if task is not None:
+            task.cancel()
 
     async def _serve(self, req, origin: str) -> None:
         try:

@@ -10,11 +10,19 @@ from core.ids import BOARD_NAME
 
 SERVICE = "unitbus"  # the micro service every board's bridge adds ($SRV.PING.unitbus finds them all)
 ORIGIN_HEADER = "Unitbus-Origin"  # "<board>/<client>/<conn>": the connection a request comes from
+CALL_HEADER = "Unitbus-Call"  # one request's key (its reply inbox): what a cancel names
 GONE = "unitbus.gone"  # a connection (or a whole client) on some board went away
+CANCEL = "unitbus.cancel"  # the requester stopped waiting for one request (a closed HTTP client)
+MODEL_QUEUE = "unitbus-model"  # the queue group of every model subject: one board takes each request
 
 
 def board_subject(board: str) -> str:
     return f"unitbus.board.{board}"
+
+
+def model_subject(mode: str) -> str:
+    """The load-balanced subject of a model; characters a subject token cannot hold are escaped."""
+    return "unitbus.model." + "".join(c if c.isalnum() or c in "-_" else f"~{ord(c):x}" for c in mode)
 
 
 def alive_subject(board: str) -> str:

@@ -4,6 +4,11 @@ from __future__ import annotations
 import pytest
 
 from fleet_support import NatsServer, board, wait_joined
+from support import free_port
+
+
+OPENAI_BALANCED = {"up.http": "true", "http.openai.port": str(free_port()), "fleet.balance": "true",
+                   **{f"http.{api}.enabled": "false" for api in ("ollama", "ai00", "cortex")}}
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +20,8 @@ def nats_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_boards(tmp_path_factory, nats_server):
-    a = board(tmp_path_factory.mktemp("alpha"), "alpha", nats_server.url).start(timeout=300)
+    # alpha also runs the OpenAI gateway, whose llm inferences go to any board serving the model.
+    a = board(tmp_path_factory.mktemp("alpha"), "alpha", nats_server.url, **OPENAI_BALANCED).start(timeout=300)
     b = board(tmp_path_factory.mktemp("beta"), "beta", nats_server.url).start(timeout=300)
     try:
         wait_joined(a, "alpha", "beta")

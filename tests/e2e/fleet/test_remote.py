@@ -37,7 +37,7 @@ def test_setup_stream_taskinfo_exit_on_another_board(two_boards):
         info = c.request({"request_id": "ti", "work_id": work_id, "action": "taskinfo"})
         assert info["error"]["code"] == 0 and info["data"]["model"] == LLM_SETUP["model"], info
         listing = c.request({"request_id": "ls", "work_id": "sys", "action": "lstask", "data": {"fleet": True}})
-        assert [t["work_id"] for t in listing["data"]["beta"]] == [work_id], listing
+        assert work_id in [t["work_id"] for t in listing["data"]["beta"]], listing
         assert c.request({"request_id": "x", "work_id": work_id, "action": "exit"})["error"]["code"] == 0
         gone = c.request({"request_id": "ti2", "work_id": work_id, "action": "taskinfo"})
         assert gone["error"]["code"] == -6 and gone["work_id"] == work_id, gone
