@@ -80,3 +80,14 @@ async def fleet_stats(url: str, token: str = TOKEN, window_s: float = 0.5) -> di
         return out
     finally:
         await nc.close()
+
+
+def pid_of_module(stack: Stack, module: str) -> int:
+    """pid of the child of `stack` running `python -m <module>`."""
+    from support import alive, child_pids
+
+    assert stack.proc is not None
+    for pid in child_pids(stack.proc.pid):
+        if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") and alive(pid):
+            return pid
+    raise LookupError(f"no running {module}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import ssl
 import time
 from typing import AsyncIterator, Callable
@@ -74,7 +75,9 @@ class FleetBridge:
         self.sock: bus.DealerSocket | None = None
         self.nc = None
         self.service = None
-        self.seen: dict[str, float] = {}  # board -> when it last announced itself (monotonic)
+        self.instance = ""  # this bridge process among all that ever ran as this board (set on joining)
+        self.seen: dict[str, tuple[str, float]] = {}  # board -> (its bridge process, when it last announced itself)
+        self.instances: dict[str, float] = {}  # a bridge process -> when it last announced itself
         self.exported: dict[str, int] = {}  # remote origin -> the bus connection serving it here
         self.serving: dict[str, set[asyncio.Task]] = {}  # remote origin -> tasks answering its requests
         self.calls: dict[str, asyncio.Task] = {}  # a remote request's call key -> the task answering it
@@ -92,6 +95,7 @@ class FleetBridge:
                                      reconnect_time_wait=0.5, ping_interval=1, max_outstanding_pings=2,
                                      error_cb=self._nats_error, disconnected_cb=self._nats_disconnected,
                                      reconnected_cb=self._nats_reconnected)
+        self.instance = secrets.token_hex(8)
         await self.nc.subscribe(wire.alive_subject("*"), cb=self._on_alive)
         await self.nc.subscribe(wire.GONE, cb=self._on_gone)
         await self.nc.subscribe(wire.CANCEL, cb=self._on_cancel)
@@ -162,20 +166,34 @@ class FleetBridge:
     async def _alive_loop(self) -> None:
         while True:
             if self.nc is not None and self.nc.is_connected:
-                await self.nc.publish(wire.alive_subject(self.board), b"")
+                await self.nc.publish(wire.alive_subject(self.board), wire.pack(i=self.instance))
             now = time.monotonic()
-            for board, last in list(self.seen.items()):
+            for board, (_, last) in list(self.seen.items()):
                 if now - last > self.liveness_s:
                     del self.seen[board]
                     log.warning("board %s silent for %.1f s: gone from the fleet", board, now - last)
                     self._drop_origins(f"{board}/")
+            for instance, last in list(self.instances.items()):
+                if now - last > 10 * self.liveness_s:
+                    del self.instances[instance]
             await asyncio.sleep(self.alive_s)
 
     async def _on_alive(self, msg) -> None:
         board = msg.subject.rsplit(".", 1)[1]
-        if board not in self.seen and board != self.board:
+        try:
+            instance = str(wire.unpack(msg.data)["i"])
+        except (wire.WireError, KeyError):
+            return
+        before = self.seen.get(board)
+        if before is None and board != self.board:
             log.info("board %s is in the fleet", board)
-        self.seen[board] = time.monotonic()
+        elif before is not None and before[0] != instance:
+            # Its bridge restarted: the connections its former process held here have no owner any more.
+            log.info("board %s rejoined", board)
+            self._drop_origins(f"{board}/")
+        now = time.monotonic()
+        self.seen[board] = (instance, now)
+        self.instances[instance] = now
 
     async def discover(self) -> list[str]:
         """Every board's bridge answers $SRV.PING.unitbus; gather the answers for fleet.discover_s."""
@@ -300,19 +318,20 @@ class FleetBridge:
             self._answer(route, error_reply(request.request_id, request.work_id, ErrorCode.OPERATION_FAILED,
                                             f"fleet bridge: {type(exc).__name__}: {exc}"), True)
 
-    async def _exchange(self, subject: str, body: bytes, origin: str, board: Callable[[], str | None]
-                        ) -> AsyncIterator[dict]:
+    async def _exchange(self, subject: str, body: bytes, origin: str) -> AsyncIterator[dict]:
         """One request on `subject` and the bodies answered on its inbox until the final one.
 
-        Raises NoResponders when nobody subscribes `subject`, BoardGone when the answering board (`board()`,
-        or anyone before a board is known) is silent for fleet.liveness_s. A caller that stops early
-        cancels the request on the answering board.
+        The board taking it first says so ({"accepted": board, "i": its bridge process}); from then on the
+        request lives as long as that process announces itself. Raises NoResponders when nobody subscribes
+        `subject`, BoardGone when nobody takes the request, or its taker is silent, for fleet.liveness_s.
+        A caller that stops early cancels the request on the taker.
         """
         if self.nc is None or not self.nc.is_connected:
             raise BoardGone("this board has lost its NATS server; reconnecting")
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
-        started = time.monotonic()
+        last = time.monotonic()
+        taker = instance = None
         finished = False
         try:
             await self.nc.publish(subject, body, reply=inbox, headers={wire.ORIGIN_HEADER: origin,
@@ -322,18 +341,16 @@ class FleetBridge:
                     msg = await sub.next_msg(timeout=WAIT_STEP_S)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # nats' TimeoutError: nothing yet; is the board still there?
-                    name = board()
-                    last = max(self.seen.get(name, 0.0) if name else 0.0, started)
-                    if time.monotonic() - last > self.liveness_s:
-                        finished = True
-                        raise BoardGone(f"board {name or 'of ' + subject} stopped answering "
-                                        f"(silent for {self.liveness_s:g} s)") from None
+                except Exception:  # nats' TimeoutError: nothing yet; is the taker still there?
+                    heard = max(last, self.instances.get(instance, 0.0)) if instance else last
+                    if time.monotonic() - heard > self.liveness_s:  # (a cancel still goes out: it may come back)
+                        who = f"board {taker}" if taker else f"the board taking {subject}"
+                        raise BoardGone(f"{who} stopped answering (silent for {self.liveness_s:g} s)") from None
                     continue
                 if msg.headers and msg.headers.get("Status") == "503":
                     finished = True
                     raise NoResponders(subject)
-                started = time.monotonic()
+                last = time.monotonic()
                 try:
                     reply_body = wire.unpack(msg.data)
                 except wire.WireError as exc:
@@ -341,6 +358,8 @@ class FleetBridge:
                 if reply_body.get("final"):
                     finished = True
                     return
+                if "accepted" in reply_body:
+                    taker, instance = str(reply_body["accepted"]), str(reply_body.get("i", ""))
                 yield reply_body
         finally:
             try:
@@ -355,8 +374,9 @@ class FleetBridge:
         """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
         body = wire.pack(request=request.to_dict(), binary=binary)
         try:
-            async for reply_body in self._exchange(wire.board_subject(board), body, origin, lambda: board):
-                self.seen[board] = time.monotonic()
+            async for reply_body in self._exchange(wire.board_subject(board), body, origin):
+                if "accepted" in reply_body:
+                    continue
                 try:
                     yield Response.from_dict(reply_body["response"])
                 except (KeyError, TypeError, ValueError) as exc:
@@ -379,14 +399,12 @@ class FleetBridge:
         deadline = time.monotonic() + self.balance_wait_s
         work_id = request.work_id
         while True:
-            taker: list[str] = []
             busy = yielded = False
             try:
-                async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin,
-                                                       lambda: taker[0] if taker else None):
+                async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin):
                     if "accepted" in reply_body:
-                        taker.append(str(reply_body["accepted"]))
-                    elif reply_body.get("busy"):
+                        continue
+                    if reply_body.get("busy"):
                         busy = True
                     else:
                         response = Response.from_dict(reply_body["response"])
@@ -402,7 +420,7 @@ class FleetBridge:
                     raise UnitError(ErrorCode.UNIT_CALL, message=f"{work_id}: {exc}") from None
                 log.warning("%s: %s before its first output; handing it to another board", request.request_id, exc)
             except (KeyError, TypeError, ValueError) as exc:
-                raise UnitError(ErrorCode.UNIT_CALL, f"a bad answer from board {taker}: {exc}") from None
+                raise UnitError(ErrorCode.UNIT_CALL, f"a bad answer to {request.request_id}: {exc}") from None
             if time.monotonic() > deadline:
                 raise UnitError(ErrorCode.QUEUE_FULL, f"every board serving {data['model']} stayed busy for "
                                                       f"{self.balance_wait_s:g} s")
@@ -456,6 +474,7 @@ class FleetBridge:
         counts = self.model_counts.setdefault(req.subject, {"accepted": 0, "busy": 0})
         if self.balanced_running >= self.slots:
             counts["busy"] += 1
+            await req.respond(wire.pack(accepted=self.board, i=self.instance))
             await req.respond(wire.pack(busy=True))
             await req.respond(wire.pack(final=True))
             return
@@ -466,7 +485,7 @@ class FleetBridge:
     async def _serve_model(self, req, origin: str) -> None:
         """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
         try:
-            await req.respond(wire.pack(accepted=self.board))
+            await req.respond(wire.pack(accepted=self.board, i=self.instance))
             try:
                 body = wire.unpack(req.data)
                 request_id, object, model = str(body["request_id"]), str(body["object"]), str(body["model"])
@@ -508,6 +527,7 @@ class FleetBridge:
             return
         conn = self._conn_for(origin)
         try:
+            await req.respond(wire.pack(accepted=self.board, i=self.instance))
             async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
                 response.work_id = on_board(response.work_id, self.board)
                 await req.respond(wire.pack(response=response.to_dict()))
