@@ -24,7 +24,7 @@ async def join(settings: Settings) -> FleetBridge:
             return await bridge.start()
         except Exception as exc:  # nats raises its own error types, and OSError for a refused connection
             await bridge.close()
-            if "authorization" in str(exc).lower() or attempt == JOIN_ATTEMPTS:
+            if isinstance(exc, PermissionError) or attempt == JOIN_ATTEMPTS:
                 raise
             log.info("NATS at %s not reachable yet (%s); retrying", ", ".join(bridge.urls), exc or type(exc).__name__)
             await asyncio.sleep(JOIN_WAIT_S)

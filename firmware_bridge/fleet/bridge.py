@@ -84,17 +84,27 @@ class FleetBridge:
         self.balanced_calls: dict[tuple[bytes, str], set[asyncio.Task]] = {}  # (client, request_id) -> llm@* out
         self.forwarding: dict[tuple[bytes, int], set[asyncio.Task]] = {}  # local (client, conn) -> requests out
         self._background: set[asyncio.Task] = set()
+        self._refused = asyncio.Event()
+        self._refusal = ""
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> "FleetBridge":
         import nats
         from nats.micro import add_service
 
-        self.nc = await nats.connect(servers=self.urls, name=f"unitbus-{self.board}", **self._credentials(),
-                                     connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
-                                     reconnect_time_wait=0.5, ping_interval=1, max_outstanding_pings=2,
-                                     error_cb=self._nats_error, disconnected_cb=self._nats_disconnected,
-                                     reconnected_cb=self._nats_reconnected)
+        # nats-py keeps retrying a refused login; refused credentials end the join instead.
+        connect = asyncio.ensure_future(nats.connect(
+            servers=self.urls, name=f"unitbus-{self.board}", **self._credentials(), connect_timeout=2,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=1,
+            max_outstanding_pings=2, error_cb=self._nats_error, disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected))
+        refused = asyncio.ensure_future(self._refused.wait())
+        await asyncio.wait([connect, refused], return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if not connect.done():
+            connect.cancel()
+            raise PermissionError(f"the NATS server refused this board's credentials: {self._refusal}")
+        self.nc = connect.result()
         self.instance = secrets.token_hex(8)
         await self.nc.subscribe(wire.alive_subject("*"), cb=self._on_alive)
         await self.nc.subscribe(wire.GONE, cb=self._on_gone)
@@ -155,6 +165,9 @@ class FleetBridge:
 
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", exc)
+        if self.nc is None and "authorization" in str(exc).lower():
+            self._refusal = str(exc)
+            self._refused.set()
 
     async def _nats_disconnected(self) -> None:
         log.warning("NATS server lost; reconnecting")
