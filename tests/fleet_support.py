@@ -31,9 +31,10 @@ class NatsServer:
         assert self.proc.wait(10) == 0
 
 
-def board(tmp: Path, name: str, url: str, units=("llm",), token: str = TOKEN, **settings) -> Stack:
+def board(tmp: Path, name: str, url: str, units=("llm",), token: str = TOKEN, env: dict | None = None,
+          **settings) -> Stack:
     return Stack(tmp, list(units), {"fleet.url": url, "fleet.board": name, "fleet.token": token,
-                                    "llm.max_tasks": "4", **settings})
+                                    "llm.max_tasks": "4", **settings}, env=env)
 
 
 def wait_joined(stack: Stack, *boards: str, timeout: float = 30.0) -> None:

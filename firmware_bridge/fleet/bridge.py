@@ -12,6 +12,7 @@ flight to it are answered with an error and the connections it held here are clo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
 BUSY_RETRY_S = 0.05  # pause before a load-balanced request that found its board busy is offered again
+ACK_AFTER_S = 0.1  # a request whose first answer takes longer is acknowledged on its own (else within that answer)
 
 
 class NoResponders(Exception):
@@ -86,6 +88,9 @@ class FleetBridge:
         self._background: set[asyncio.Task] = set()
         self._refused = asyncio.Event()
         self._refusal = ""
+        self._inbox = ""  # one subscription <inbox>.* receives the answers to every request sent from here
+        self._calls = itertools.count(1)
+        self._replies: dict[str, asyncio.Queue] = {}
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> "FleetBridge":
@@ -106,6 +111,8 @@ class FleetBridge:
             raise PermissionError(f"the NATS server refused this board's credentials: {self._refusal}")
         self.nc = connect.result()
         self.instance = secrets.token_hex(8)
+        self._inbox = self.nc.new_inbox()
+        await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply)
         await self.nc.subscribe(wire.alive_subject("*"), cb=self._on_alive)
         await self.nc.subscribe(wire.GONE, cb=self._on_gone)
         await self.nc.subscribe(wire.CANCEL, cb=self._on_cancel)
@@ -341,8 +348,9 @@ class FleetBridge:
         """
         if self.nc is None or not self.nc.is_connected:
             raise BoardGone("this board has lost its NATS server; reconnecting")
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        inbox = f"{self._inbox}.{next(self._calls)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._replies[inbox] = queue
         last = time.monotonic()
         taker = instance = None
         finished = False
@@ -351,10 +359,8 @@ class FleetBridge:
                                                                         wire.CALL_HEADER: inbox})
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=WAIT_STEP_S)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # nats' TimeoutError: nothing yet; is the taker still there?
+                    msg = await asyncio.wait_for(queue.get(), WAIT_STEP_S)
+                except asyncio.TimeoutError:  # nothing yet; is the taker still there?
                     heard = max(last, self.instances.get(instance, 0.0)) if instance else last
                     if time.monotonic() - heard > self.liveness_s:  # (a cancel still goes out: it may come back)
                         who = f"board {taker}" if taker else f"the board taking {subject}"
@@ -368,19 +374,24 @@ class FleetBridge:
                     reply_body = wire.unpack(msg.data)
                 except wire.WireError as exc:
                     raise UnitError(ErrorCode.UNIT_CALL, f"{subject}: a bad answer: {exc}") from None
+                if "accepted" in reply_body:
+                    taker, instance = str(reply_body["accepted"]), str(reply_body.get("i", ""))
                 if reply_body.get("final"):
                     finished = True
                     return
-                if "accepted" in reply_body:
-                    taker, instance = str(reply_body["accepted"]), str(reply_body.get("i", ""))
                 yield reply_body
         finally:
-            try:
-                await sub.unsubscribe()
-                if not finished and self.nc.is_connected:
+            self._replies.pop(inbox, None)
+            if not finished and self.nc.is_connected:
+                try:
                     await self.nc.publish(wire.CANCEL, wire.pack(call=inbox))
-            except Exception as exc:  # the connection closed meanwhile: the subscription went with it
-                log.debug("closing %s: %s", inbox, exc)
+                except Exception as exc:  # the connection closed meanwhile
+                    log.debug("cancel of %s not sent: %s", inbox, exc)
+
+    async def _on_reply(self, msg) -> None:
+        queue = self._replies.get(msg.subject)
+        if queue is not None:  # else an answer to a request given up
+            queue.put_nowait(msg)
 
     async def remote(self, board: str, request: Request, origin: str,
                      binary: bytes | None = None) -> AsyncIterator[Response]:
@@ -388,7 +399,7 @@ class FleetBridge:
         body = wire.pack(request=request.to_dict(), binary=binary)
         try:
             async for reply_body in self._exchange(wire.board_subject(board), body, origin):
-                if "accepted" in reply_body:
+                if "response" not in reply_body:
                     continue
                 try:
                     yield Response.from_dict(reply_body["response"])
@@ -415,11 +426,9 @@ class FleetBridge:
             busy = yielded = False
             try:
                 async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin):
-                    if "accepted" in reply_body:
-                        continue
                     if reply_body.get("busy"):
                         busy = True
-                    else:
+                    elif "response" in reply_body:
                         response = Response.from_dict(reply_body["response"])
                         work_id = response.work_id
                         yielded = True
@@ -539,12 +548,24 @@ class FleetBridge:
             await req.respond(wire.pack(final=True))
             return
         conn = self._conn_for(origin)
+        ack = {"accepted": self.board, "i": self.instance}
+        unsent = [ack]  # the acknowledgement rides on the first answer, or goes alone after ACK_AFTER_S
+
+        def with_ack(**reply_body) -> bytes:
+            extra = unsent.pop() if unsent else {}
+            return wire.pack(**reply_body, **extra)
+
+        async def ack_alone() -> None:
+            await asyncio.sleep(ACK_AFTER_S)
+            if unsent:
+                await req.respond(with_ack())
+
+        acker = asyncio.create_task(ack_alone())
         try:
-            await req.respond(wire.pack(accepted=self.board, i=self.instance))
             async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
                 response.work_id = on_board(response.work_id, self.board)
-                await req.respond(wire.pack(response=response.to_dict()))
-            await req.respond(wire.pack(final=True))
+                await req.respond(with_ack(response=response.to_dict()))
+            await req.respond(with_ack(final=True))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -552,8 +573,10 @@ class FleetBridge:
             failure = error_reply(request.request_id, on_board(request.work_id, self.board),
                                   ErrorCode.OPERATION_FAILED, f"fleet bridge of {self.board}: {exc}")
             if self.nc is not None and self.nc.is_connected:
-                await req.respond(wire.pack(response=failure.to_dict()))
+                await req.respond(with_ack(response=failure.to_dict()))
                 await req.respond(wire.pack(final=True))
+        finally:
+            acker.cancel()
 
     def _conn_for(self, origin: str) -> int:
         conn = self.exported.get(origin)
