@@ -27,7 +27,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 CATALOGUE_TTL_S = 2.0
-BALANCED = "llm@*"  # with fleet.balance: an inference for any board of the fleet serving the model (docs/protocol.md, the fleet)
+# With fleet.balance: an inference for any board of the fleet serving the model (docs/protocol.md, the fleet).
+BALANCED = "llm@*"
 
 # What a pool task of each unit kind is set up with (the bus work_id and the setup data).
 TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {

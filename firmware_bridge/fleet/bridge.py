@@ -18,7 +18,7 @@ import logging
 import secrets
 import ssl
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from core import bus
 from core.client import BusClient
@@ -513,7 +513,8 @@ class FleetBridge:
                 request_id, object, model = str(body["request_id"]), str(body["object"]), str(body["model"])
                 data, setup = body["input"], body.get("setup") or {}
             except (wire.WireError, KeyError, TypeError) as exc:
-                await req.respond(wire.pack(response=error_reply("0", "llm@*", ErrorCode.JSON_FORMAT, str(exc)).to_dict()))
+                failure = error_reply("0", "llm@*", ErrorCode.JSON_FORMAT, str(exc))
+                await req.respond(wire.pack(response=failure.to_dict()))
                 await req.respond(wire.pack(final=True))
                 return
             try:

@@ -170,12 +170,14 @@ def main() -> None:
     print(f"\nSmolLM2-135M Q4_1, {args.threads} onnxruntime thread(s) per board, {args.tokens} new tokens, greedy, "
           f"best of {args.rounds}\n")
     local = streams["local (beta's client)"]
-    print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}{'e2e tok/s':>11}{'x local':>9}")
+    print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}"
+          f"{'e2e tok/s':>11}{'x local':>9}")
     for name, r in streams.items():
         print(f"{name:<36}{r['tokens']:>7}{r['ttft_ms']:>10.1f}{r['decode_tps']:>14.1f}"
-              f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
+              f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}"
+              f"{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
     p50 = {"across": statistics.median(across) * 1000, "echo": statistics.median(echo) * 1000}
-    p99 = {"across": sorted(across)[int(len(across) * 0.99)] * 1000, "echo": sorted(echo)[int(len(echo) * 0.99)] * 1000}
+    p99 = {name: sorted(v)[int(len(v) * 0.99)] * 1000 for name, v in (("across", across), ("echo", echo))}
     print(f"\nsys.ping across boards (alpha TCP -> sys@beta), {args.pings} requests: p50 {p50['across']:.3f} ms, "
           f"p99 {p99['across']:.3f} ms")
     print(f"bare nats-py request-reply echo, same server:           p50 {p50['echo']:.3f} ms, p99 {p99['echo']:.3f} ms")

@@ -58,3 +58,36 @@ def test_a_board_with_the_wrong_token_cannot_join(tmp_path):
     finally:
         codes = [s.stop(check=False) for s in reversed(stacks)]
     assert codes == [0, 0, 0]
+
+
+def new_seed(path) -> str:
+    import os
+
+    import nkeys
+
+    path.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER) + b"\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_nkey_credentials(tmp_path):
+    listen = f"127.0.0.1:{free_port()}"
+    seed, other = new_seed(tmp_path / "fleet.nk"), new_seed(tmp_path / "other.nk")
+    hub = board(tmp_path / "hub", "hub", "", units=("skel",), token="", **{
+        "fleet.serve": "true", "fleet.listen": listen, "fleet.nkey_seed": seed})
+    good = board(tmp_path / "good", "good", f"nats://{listen}", units=("skel",), token="", **{"fleet.nkey_seed": seed})
+    bad = board(tmp_path / "bad", "bad", f"nats://{listen}", units=("skel",), token="", **{"fleet.nkey_seed": other})
+    stacks = [hub.start(), good.start(), bad.start()]
+    try:
+        wait_joined(hub, "hub", "good")
+        deadline = time.monotonic() + 30
+        while "refused this board's credentials" not in bad.log():
+            assert time.monotonic() < deadline, bad.log()[-3000:]
+            time.sleep(0.2)
+        with StackFlowClient(hub.port, timeout=10) as c:
+            assert c.request({"request_id": "p", "work_id": "sys@good", "action": "ping"})["error"]["code"] == 0
+            refused = c.request({"request_id": "b", "work_id": "sys@bad", "action": "ping"})
+            assert refused["error"]["code"] == -9 and "no board named bad" in refused["error"]["message"], refused
+    finally:
+        codes = [s.stop(check=False) for s in reversed(stacks)]
+    assert codes == [0, 0, 0]
