@@ -46,6 +46,30 @@ class BoardGone(Exception):
     """The board answering a request went silent (or this board lost NATS)."""
 
 
+class Replier:
+    """The answers to one request from another board, numbered (`n`) so that one lost in a NATS server's
+    failover shows as a gap; the acknowledgement (`accepted`) rides on the first answer."""
+
+    def __init__(self, req, board: str, instance: str):
+        self.req = req
+        self.ack: dict | None = {"accepted": board, "i": instance}
+        self.n = 0
+
+    async def send(self, **body) -> None:
+        if self.ack is not None:
+            body.update(self.ack)
+            self.ack = None
+        body["n"] = self.n
+        self.n += 1
+        await self.req.respond(wire.pack(**body))
+
+    async def ack_after(self, delay: float) -> None:
+        """The acknowledgement alone, if no answer went out within `delay`."""
+        await asyncio.sleep(delay)
+        if self.ack is not None:
+            await self.send()
+
+
 def origin_key(board: str, client: bytes, conn: int) -> str:
     return f"{board}/{client.hex()}/{conn}"
 
@@ -353,6 +377,7 @@ class FleetBridge:
         self._replies[inbox] = queue
         last = time.monotonic()
         taker = instance = None
+        expected = 0  # the number of the next answer
         finished = False
         try:
             await self.nc.publish(subject, body, reply=inbox, headers={wire.ORIGIN_HEADER: origin,
@@ -376,6 +401,10 @@ class FleetBridge:
                     raise UnitError(ErrorCode.UNIT_CALL, f"{subject}: a bad answer: {exc}") from None
                 if "accepted" in reply_body:
                     taker, instance = str(reply_body["accepted"]), str(reply_body.get("i", ""))
+                if reply_body.get("n", expected) != expected:
+                    raise UnitError(ErrorCode.UNIT_CALL, f"answers of board {taker} were lost in transit "
+                                                         "(a NATS server failed over); retry")
+                expected += 1
                 if reply_body.get("final"):
                     finished = True
                     return
@@ -496,9 +525,9 @@ class FleetBridge:
         counts = self.model_counts.setdefault(req.subject, {"accepted": 0, "busy": 0})
         if self.balanced_running >= self.slots:
             counts["busy"] += 1
-            await req.respond(wire.pack(accepted=self.board, i=self.instance))
-            await req.respond(wire.pack(busy=True))
-            await req.respond(wire.pack(final=True))
+            replier = Replier(req, self.board, self.instance)
+            await replier.send(busy=True)
+            await replier.send(final=True)
             return
         self.balanced_running += 1  # counted here: the next message of the queue already sees it
         counts["accepted"] += 1
@@ -506,26 +535,27 @@ class FleetBridge:
 
     async def _serve_model(self, req, origin: str) -> None:
         """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
+        replier = Replier(req, self.board, self.instance)
         try:
-            await req.respond(wire.pack(accepted=self.board, i=self.instance))
+            await replier.send()  # taken at once: a model load may take long, and so may the first token
             try:
                 body = wire.unpack(req.data)
                 request_id, object, model = str(body["request_id"]), str(body["object"]), str(body["model"])
                 data, setup = body["input"], body.get("setup") or {}
             except (wire.WireError, KeyError, TypeError) as exc:
                 failure = error_reply("0", "llm@*", ErrorCode.JSON_FORMAT, str(exc))
-                await req.respond(wire.pack(response=failure.to_dict()))
-                await req.respond(wire.pack(final=True))
+                await replier.send(response=failure.to_dict())
+                await replier.send(final=True)
                 return
             try:
                 served = await self.pool.acquire(await self.pool.find(model), setup=setup or None)
                 work_id = on_board(served.work_id, self.board)
                 async for response in self.pool.stream(served, data, request_id, object, whole=True):
                     response.work_id = work_id
-                    await req.respond(wire.pack(response=response.to_dict()))
+                    await replier.send(response=response.to_dict())
             except UnitError as exc:
-                await req.respond(wire.pack(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict()))
-            await req.respond(wire.pack(final=True))
+                await replier.send(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict())
+            await replier.send(final=True)
         finally:
             self.balanced_running -= 1
 
@@ -545,28 +575,18 @@ class FleetBridge:
             request = Request.from_dict(body["request"])
             parse_origin(origin)
         except (wire.WireError, KeyError, TypeError, ValueError) as exc:
-            await req.respond(wire.pack(response=error_reply("0", "sys", ErrorCode.JSON_FORMAT, str(exc)).to_dict()))
-            await req.respond(wire.pack(final=True))
+            replier = Replier(req, self.board, self.instance)
+            await replier.send(response=error_reply("0", "sys", ErrorCode.JSON_FORMAT, str(exc)).to_dict())
+            await replier.send(final=True)
             return
         conn = self._conn_for(origin)
-        ack = {"accepted": self.board, "i": self.instance}
-        unsent = [ack]  # the acknowledgement rides on the first answer, or goes alone after ACK_AFTER_S
-
-        def with_ack(**reply_body) -> bytes:
-            extra = unsent.pop() if unsent else {}
-            return wire.pack(**reply_body, **extra)
-
-        async def ack_alone() -> None:
-            await asyncio.sleep(ACK_AFTER_S)
-            if unsent:
-                await req.respond(with_ack())
-
-        acker = asyncio.create_task(ack_alone())
+        replier = Replier(req, self.board, self.instance)
+        acker = asyncio.create_task(replier.ack_after(ACK_AFTER_S))
         try:
             async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
                 response.work_id = on_board(response.work_id, self.board)
-                await req.respond(with_ack(response=response.to_dict()))
-            await req.respond(with_ack(final=True))
+                await replier.send(response=response.to_dict())
+            await replier.send(final=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -574,8 +594,8 @@ class FleetBridge:
             failure = error_reply(request.request_id, on_board(request.work_id, self.board),
                                   ErrorCode.OPERATION_FAILED, f"fleet bridge of {self.board}: {exc}")
             if self.nc is not None and self.nc.is_connected:
-                await req.respond(with_ack(response=failure.to_dict()))
-                await req.respond(wire.pack(final=True))
+                await replier.send(response=failure.to_dict())
+                await replier.send(final=True)
         finally:
             acker.cancel()
 
