@@ -92,3 +92,50 @@ def pid_of_module(stack: Stack, module: str) -> int:
         if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") and alive(pid):
             return pid
     raise LookupError(f"no running {module}")
+
+
+class NatsCluster:
+    """Three nats-servers routed into one cluster on loopback ports, each with its monitoring port."""
+
+    def __init__(self, tmp: Path, token: str = TOKEN, size: int = 3):
+        self.ports = [free_port() for _ in range(size)]
+        self.routes = [free_port() for _ in range(size)]
+        self.monitors = [free_port() for _ in range(size)]
+        self.url = ",".join(f"nats://127.0.0.1:{p}" for p in self.ports)
+        self.procs: list[subprocess.Popen] = []
+        routes = ",".join(f"nats://127.0.0.1:{r}" for r in self.routes)
+        for n in range(size):
+            log = tmp / f"nats{n}.log"
+            self.procs.append(subprocess.Popen([
+                server_binary(), "-a", "127.0.0.1", "-p", str(self.ports[n]), "--auth", token, "-m",
+                str(self.monitors[n]), "--name", f"n{n}", "--cluster_name", "fleet", "--cluster",
+                f"nats://127.0.0.1:{self.routes[n]}", "--routes", routes, "-l", str(log)]))
+        deadline = time.monotonic() + 20
+        while not all(self.routed(n) for n in range(size)):
+            assert time.monotonic() < deadline, "the NATS cluster did not form"
+            time.sleep(0.1)
+
+    def _get(self, n: int, path: str) -> dict:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.monitors[n]}{path}", timeout=2).json()
+
+    def routed(self, n: int) -> bool:
+        try:
+            return self._get(n, "/routez")["num_routes"] >= len(self.procs) - 1
+        except Exception:  # not listening yet
+            return False
+
+    def server_of(self, client_name: str) -> int:
+        """The server a client (by connection name) is connected to."""
+        for n, proc in enumerate(self.procs):
+            if proc.poll() is None and any(c.get("name") == client_name for c in self._get(n, "/connz")["connections"]):
+                return n
+        raise LookupError(client_name)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)

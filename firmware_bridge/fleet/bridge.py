@@ -48,12 +48,14 @@ class BoardGone(Exception):
 
 class Replier:
     """The answers to one request from another board, numbered (`n`) so that one lost in a NATS server's
-    failover shows as a gap; the acknowledgement (`accepted`) rides on the first answer."""
+    failover shows as a gap; the acknowledgement (`accepted`) rides on the first answer, and while the
+    request is open and quiet a tick goes out every fleet.alive_s, so that a lost last answer shows too."""
 
     def __init__(self, req, board: str, instance: str):
         self.req = req
         self.ack: dict | None = {"accepted": board, "i": instance}
         self.n = 0
+        self.last_sent = time.monotonic()
 
     async def send(self, **body) -> None:
         if self.ack is not None:
@@ -61,13 +63,15 @@ class Replier:
             self.ack = None
         body["n"] = self.n
         self.n += 1
+        self.last_sent = time.monotonic()
         await self.req.respond(wire.pack(**body))
 
-    async def ack_after(self, delay: float) -> None:
-        """The acknowledgement alone, if no answer went out within `delay`."""
-        await asyncio.sleep(delay)
-        if self.ack is not None:
-            await self.send()
+    async def keep_alive(self, every: float) -> None:
+        await asyncio.sleep(ACK_AFTER_S)
+        while True:
+            if self.ack is not None or time.monotonic() - self.last_sent >= every:
+                await self.send(tick=True)
+            await asyncio.sleep(every)
 
 
 def origin_key(board: str, client: bytes, conn: int) -> str:
@@ -103,7 +107,6 @@ class FleetBridge:
         self.service = None
         self.instance = ""  # this bridge process among all that ever ran as this board (set on joining)
         self.seen: dict[str, tuple[str, float]] = {}  # board -> (its bridge process, when it last announced itself)
-        self.instances: dict[str, float] = {}  # a bridge process -> when it last announced itself
         self.exported: dict[str, int] = {}  # remote origin -> the bus connection serving it here
         self.serving: dict[str, set[asyncio.Task]] = {}  # remote origin -> tasks answering its requests
         self.calls: dict[str, asyncio.Task] = {}  # a remote request's call key -> the task answering it
@@ -217,9 +220,6 @@ class FleetBridge:
                     del self.seen[board]
                     log.warning("board %s silent for %.1f s: gone from the fleet", board, now - last)
                     self._drop_origins(f"{board}/")
-            for instance, last in list(self.instances.items()):
-                if now - last > 10 * self.liveness_s:
-                    del self.instances[instance]
             await asyncio.sleep(self.alive_s)
 
     async def _on_alive(self, msg) -> None:
@@ -237,7 +237,6 @@ class FleetBridge:
             self._drop_origins(f"{board}/")
         now = time.monotonic()
         self.seen[board] = (instance, now)
-        self.instances[instance] = now
 
     async def discover(self) -> list[str]:
         """Every board's bridge answers $SRV.PING.unitbus; gather the answers for fleet.discover_s."""
@@ -365,9 +364,10 @@ class FleetBridge:
     async def _exchange(self, subject: str, body: bytes, origin: str) -> AsyncIterator[dict]:
         """One request on `subject` and the bodies answered on its inbox until the final one.
 
-        The board taking it first says so ({"accepted": board, "i": its bridge process}); from then on the
-        request lives as long as that process announces itself. Raises NoResponders when nobody subscribes
-        `subject`, BoardGone when nobody takes the request, or its taker is silent, for fleet.liveness_s.
+        The board taking it says so at once ({"accepted": board}) and then sends an answer or a tick at
+        least every fleet.alive_s while the request is open. Raises NoResponders when nobody subscribes
+        `subject`, BoardGone when nothing came for fleet.liveness_s (nobody took the request, or its taker
+        vanished, or this board lost NATS), UnitError when answers were lost (a gap in their numbers).
         A caller that stops early cancels the request on the taker.
         """
         if self.nc is None or not self.nc.is_connected:
@@ -376,7 +376,7 @@ class FleetBridge:
         queue: asyncio.Queue = asyncio.Queue()
         self._replies[inbox] = queue
         last = time.monotonic()
-        taker = instance = None
+        taker = None
         expected = 0  # the number of the next answer
         finished = False
         try:
@@ -386,8 +386,7 @@ class FleetBridge:
                 try:
                     msg = await asyncio.wait_for(queue.get(), WAIT_STEP_S)
                 except asyncio.TimeoutError:  # nothing yet; is the taker still there?
-                    heard = max(last, self.instances.get(instance, 0.0)) if instance else last
-                    if time.monotonic() - heard > self.liveness_s:  # (a cancel still goes out: it may come back)
+                    if time.monotonic() - last > self.liveness_s:  # (a cancel still goes out: it may come back)
                         who = f"board {taker}" if taker else f"the board taking {subject}"
                         raise BoardGone(f"{who} stopped answering (silent for {self.liveness_s:g} s)") from None
                     continue
@@ -400,7 +399,7 @@ class FleetBridge:
                 except wire.WireError as exc:
                     raise UnitError(ErrorCode.UNIT_CALL, f"{subject}: a bad answer: {exc}") from None
                 if "accepted" in reply_body:
-                    taker, instance = str(reply_body["accepted"]), str(reply_body.get("i", ""))
+                    taker = str(reply_body["accepted"])
                 if reply_body.get("n", expected) != expected:
                     raise UnitError(ErrorCode.UNIT_CALL, f"answers of board {taker} were lost in transit "
                                                          "(a NATS server failed over); retry")
@@ -536,6 +535,7 @@ class FleetBridge:
     async def _serve_model(self, req, origin: str) -> None:
         """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
         replier = Replier(req, self.board, self.instance)
+        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
         try:
             await replier.send()  # taken at once: a model load may take long, and so may the first token
             try:
@@ -557,6 +557,7 @@ class FleetBridge:
                 await replier.send(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict())
             await replier.send(final=True)
         finally:
+            keeper.cancel()
             self.balanced_running -= 1
 
     async def _on_cancel(self, msg) -> None:
@@ -581,7 +582,7 @@ class FleetBridge:
             return
         conn = self._conn_for(origin)
         replier = Replier(req, self.board, self.instance)
-        acker = asyncio.create_task(replier.ack_after(ACK_AFTER_S))
+        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
         try:
             async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
                 response.work_id = on_board(response.work_id, self.board)
@@ -597,7 +598,7 @@ class FleetBridge:
                 await replier.send(response=failure.to_dict())
                 await replier.send(final=True)
         finally:
-            acker.cancel()
+            keeper.cancel()
 
     def _conn_for(self, origin: str) -> int:
         conn = self.exported.get(origin)
