@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 from core import bus
 from core.client import BusClient
-from core.envelope import NONE, Request, Response, error_reply, reply
+from core.envelope import NONE, EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ANY_BOARD, on_board, split_board
 from core.settings import Settings
@@ -573,11 +573,14 @@ class FleetBridge:
     async def _serve(self, req, origin: str) -> None:
         try:
             body = wire.unpack(req.data)
-            request = Request.from_dict(body["request"])
+            # The same checks as for a request from a TCP client: another board's bridge is no more trusted.
+            request = decode_request(canonical_json(body["request"]))
             parse_origin(origin)
-        except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+        except (wire.WireError, KeyError, TypeError, ValueError, EnvelopeError) as exc:
+            failure = error_reply(exc.request_id, "sys", exc) if isinstance(exc, EnvelopeError) else \
+                error_reply("0", "sys", ErrorCode.JSON_FORMAT, str(exc))
             replier = Replier(req, self.board, self.instance)
-            await replier.send(response=error_reply("0", "sys", ErrorCode.JSON_FORMAT, str(exc)).to_dict())
+            await replier.send(response=failure.to_dict())
             await replier.send(final=True)
             return
         conn = self._conn_for(origin)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_support import LLM_SETUP, setup_llm, text_of
+from fleet_support import LLM_SETUP, TOKEN, setup_llm, text_of
 from support import StackFlowClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -66,3 +66,31 @@ def test_fleet_wide_listings(two_boards):
         assert all("cpu_loadavg" in hw["data"][board] for board in ("alpha", "beta")), hw
         plain = c.request({"request_id": "t", "work_id": "sys", "action": "lstask"})
         assert isinstance(plain["data"], list)  # without "fleet": this board only, as StackFlow lists it
+
+
+def test_bad_messages_from_the_fleet_are_answered(two_boards, nats_server):
+    """A rogue NATS client's garbage gets error answers; beta's bridge goes on serving."""
+    import asyncio
+
+    import msgpack
+    import nats
+
+    async def ask(body: bytes, headers: dict) -> list[dict]:
+        nc = await nats.connect(nats_server.url, token=TOKEN)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("unitbus.board.beta", body, reply=inbox, headers=headers)
+        answers = []
+        while not answers or not answers[-1].get("final"):
+            answers.append(msgpack.unpackb((await sub.next_msg(timeout=10)).data))
+        await nc.close()
+        return answers
+
+    origin = {"Unitbus-Origin": "rogue/00/1"}
+    for body, headers in ((b"\xc1 not msgpack", origin), (msgpack.packb({"request": {"work_id": 5}}), origin),
+                          (msgpack.packb({"request": {"request_id": "r", "work_id": "sys", "action": "ping"}}),
+                           {"Unitbus-Origin": "no origin"})):
+        answers = asyncio.run(ask(body, headers))
+        assert answers[0]["response"]["error"]["code"] == -2, answers
+    ok = asyncio.run(ask(msgpack.packb({"request": {"request_id": "r", "work_id": "sys", "action": "ping"}}), origin))
+    assert ok[0]["response"]["error"]["code"] == 0 and ok[0]["response"]["work_id"] == "sys@beta", ok
