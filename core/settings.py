@@ -119,7 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "wyoming.handle_model": "",  # the llm answering `transcript` (empty: the first installed llm)
     "wyoming.handle_prompt": "You are a voice assistant. Answer in one or two short sentences.",
     "wyoming.handle_max_tokens": 160,
-    # The fleet: boards joined over NATS (protocol.md §"The fleet"); off while url is empty and serve false.
+    # The fleet: boards joined over NATS (protocol.md §21); off while url is empty and serve false.
     "fleet.url": "",  # nats://host:port of a NATS server (comma-separated for a cluster)
     "fleet.serve": False,  # also run a nats-server on this board (on fleet.listen)
     "fleet.listen": "127.0.0.1:4222",

@@ -1,4 +1,4 @@
-"""Which requests sys hands to the fleet bridge (protocol.md, "The fleet"): the bridge is the unit `fleet`."""
+"""Which requests sys hands to the fleet bridge (protocol.md §21): the bridge is the unit `fleet`."""
 from __future__ import annotations
 
 from core.envelope import Request

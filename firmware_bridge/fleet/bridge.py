@@ -1,13 +1,15 @@
-"""The fleet bridge: one board's link to the others over NATS (protocol.md, "The fleet").
+"""The fleet bridge: one board's link to the others over NATS (protocol.md §21).
 
 Two halves, both bus peers of this board's sys:
 - import: the unit `fleet` to which sys hands every request for another board (`llm@kitchen`,
-  `llm.1003@kitchen`) and fleet-wide listings; each goes out as a NATS request with its own inbox, and
-  every reply that comes back on the inbox is passed to sys as this request's answer.
-- export: a micro service endpoint `unitbus.board.<board>` whose requests become requests of a bus client
-  of this board, one bus connection per remote connection, answered on the requester's inbox.
-Each board announces itself every fleet.alive_s; one silent for fleet.liveness_s is gone: the requests in
-flight to it are answered with an error and the connections it held here are closed (their inferences stop).
+  `llm.1003@kitchen`, `llm@*`) and fleet-wide listings; each goes out as a NATS request whose answers
+  come back on this bridge's one reply subscription and are passed to sys as that request's answers.
+- export: micro service endpoints, `unitbus.board.<board>` whose requests become requests of a bus client
+  of this board (one bus connection per remote connection), and one per llm model for `llm@*`, run on
+  this board's own task pool.
+A request's taker acknowledges it at once and answers or ticks while it is open: silence for
+fleet.liveness_s ends the request with an error. Each board also announces itself every fleet.alive_s;
+one silent for fleet.liveness_s is gone, and the connections it held here are closed (their inferences stop).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What crosses NATS between boards: subjects and one msgpack body per message (protocol.md, "The fleet")."""
+"""What crosses NATS between boards: subjects and one msgpack body per message (protocol.md §21)."""
 from __future__ import annotations
 
 import socket

@@ -1,4 +1,4 @@
-"""A StackFlow client of one board uses the llm of another (protocol.md, "The fleet")."""
+"""A StackFlow client of one board uses the llm of another (protocol.md §21.1)."""
 from __future__ import annotations
 
 import pytest
