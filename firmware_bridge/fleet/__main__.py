@@ -13,29 +13,20 @@ from firmware_bridge.fleet.bridge import FleetBridge
 
 log = logging.getLogger(__name__)
 
-JOIN_ATTEMPTS = 20  # a served nats-server may still be starting; after that the supervisor's backoff takes over
-JOIN_WAIT_S = 0.25
-
-
-async def join(settings: Settings) -> FleetBridge:
-    for attempt in range(1, JOIN_ATTEMPTS + 1):
-        bridge = FleetBridge(settings)
-        try:
-            return await bridge.start()
-        except Exception as exc:  # nats raises its own error types, and OSError for a refused connection
-            await bridge.close()
-            if isinstance(exc, PermissionError) or attempt == JOIN_ATTEMPTS:
-                raise
-            log.info("NATS at %s not reachable yet (%s); retrying", ", ".join(bridge.urls), exc or type(exc).__name__)
-            await asyncio.sleep(JOIN_WAIT_S)
-    raise AssertionError("unreachable")
-
 
 async def main_async(settings: Settings) -> int:
+    # nats-py waits for an unreachable server itself (a served one may still be starting); what ends
+    # the join is refused credentials or a bad setting, and then systemd or `unitbus up` restarts us.
     try:
-        bridge = await join(settings)
+        bridge = FleetBridge(settings)
+    except ValueError as exc:  # fleet.board
+        log.error("%s", exc)
+        return 2
+    try:
+        await bridge.start()
     except Exception as exc:
         log.error("could not join the fleet: %s", exc or type(exc).__name__)
+        await bridge.close()
         return 1
     notify.ready(f"board {bridge.board} in the fleet")
     stop = asyncio.Event()
