@@ -7,12 +7,13 @@ cd "$(dirname "$0")"
 with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
-# espeak-ng: TTS phonemes and fallback voice; sox: test audio; socat: UART tests; systemd: unit-file checks.
+# espeak-ng: TTS phonemes and fallback voice; sox: test audio; socat: UART tests; systemd: unit-file checks;
+# openssl: certificates for the fleet's TLS test.
 python=${PYTHON:-python3}
 programs=(espeak-ng sox)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 "$python" -c "import ensurepip" 2>/dev/null || programs+=(python3-venv)
-[ $with_tests = 1 ] && programs+=(socat systemd)
+[ $with_tests = 1 ] && programs+=(socat systemd openssl)
 missing=()
 for p in "${programs[@]}"; do
     case $p in systemd) command -v systemd-analyze >/dev/null || missing+=(systemd) ;;
