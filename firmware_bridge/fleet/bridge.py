@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
 BUSY_RETRY_S = 0.05  # pause before a load-balanced request that found its board busy is offered again
+NOT_HERE = (ErrorCode.UNIT_CALL, ErrorCode.UNIT_NOT_EXIST, ErrorCode.TASK_FULL)  # a balanced request goes on
 ACK_AFTER_S = 0.1  # a request whose first answer takes longer is acknowledged on its own (else within that answer)
 
 
@@ -550,7 +551,19 @@ class FleetBridge:
                 await replier.send(final=True)
                 return
             try:
-                served = await self.pool.acquire(await self.pool.find(model), setup=setup or None)
+                try:
+                    served = await self.pool.acquire(await self.pool.find(model), setup=setup or None)
+                except UnitError as exc:
+                    if exc.code not in NOT_HERE:
+                        raise
+                    # This board cannot run it now (its llm unit is not running, or every task is taken):
+                    # "busy" hands the request on to another board.
+                    log.info("%s: not here (%s); handed on", request_id, exc.message)
+                    counts = self.model_counts[req.subject]
+                    counts["accepted"], counts["busy"] = counts["accepted"] - 1, counts["busy"] + 1
+                    await replier.send(busy=True)
+                    await replier.send(final=True)
+                    return
                 work_id = on_board(served.work_id, self.board)
                 async for response in self.pool.stream(served, data, request_id, object, whole=True):
                     response.work_id = work_id

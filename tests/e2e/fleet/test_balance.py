@@ -63,3 +63,25 @@ def test_client_disconnect_cancels_the_remote_generation(two_boards):
             break  # the board that ran it stopped its own task's generation
         assert time.monotonic() < deadline, "".join(new)[-3000:]
         time.sleep(0.1)
+
+
+def test_a_board_without_the_llm_unit_hands_requests_on(two_boards, nats_server, tmp_path):
+    """gamma has the model's manifest but runs no llm unit: what NATS gives it goes on to alpha or beta."""
+    from fleet_support import board, wait_joined
+    from support import StackFlowClient
+
+    a, _ = two_boards
+    gamma = board(tmp_path, "gamma", nats_server.url, units=("skel",)).start()
+    try:
+        wait_joined(a, "alpha", "beta", "gamma")
+        with StackFlowClient(a.port, timeout=60) as c:
+            for n in range(6):
+                c.send({"request_id": f"g{n}", "work_id": "llm@*", "action": "inference", "object": "llm.utf-8",
+                        "data": {"model": MODEL, "input": "Name a color.", "setup": {"max_token_len": 8}}})
+                chunks = c.stream(f"g{n}")
+                assert all(m["error"]["code"] == 0 for m in chunks), chunks
+                assert not chunks[0]["work_id"].endswith("@gamma"), chunks
+        stats = asyncio.run(fleet_stats(nats_server.url))
+        assert stats["gamma"][SUBJECT]["accepted"] == 0, stats["gamma"]
+    finally:
+        assert gamma.stop(check=False) == 0
