@@ -292,6 +292,13 @@ class FleetBridge:
                 self._local_gone(message.client, message.conn)
             elif isinstance(message, bus.Hello):
                 self._hello()  # sys restarted and does not know us
+            elif isinstance(message, bus.Control) and message.op == "reset":
+                # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
+                for tasks in list(self.forwarding.values()):
+                    for task in tasks:
+                        task.cancel()
+                log.info("sys.reset: requests to other boards cancelled")
+                self.sock.send(bus.Control("reset_done", {"restart": False}))
 
     @staticmethod
     def _track(table: dict, key, task: asyncio.Task) -> None:

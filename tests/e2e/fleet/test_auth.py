@@ -55,6 +55,16 @@ def test_a_board_with_the_wrong_token_cannot_join(tmp_path):
 
         assert "authorization violation" in asyncio.run(eavesdrop(None))  # no reading subjects either
         assert asyncio.run(eavesdrop("right-token")) == "connected"
+
+        with StackFlowClient(hub.port, timeout=30) as c:  # sys.reset: the bridge answers it and stays
+            assert c.request({"request_id": "r", "work_id": "sys", "action": "reset"})["error"]["code"] == 0
+            deadline = time.monotonic() + 30
+            while "requests to other boards cancelled" not in hub.log():
+                assert time.monotonic() < deadline, hub.log()[-3000:]
+                time.sleep(0.1)
+            wait_joined(hub, "hub", "good")
+            again = c.request({"request_id": "g2", "work_id": "skel@good", "action": "setup", "data": SKEL})
+            assert again["error"]["code"] == 0, again
     finally:
         codes = [s.stop(check=False) for s in reversed(stacks)]
     assert codes == [0, 0, 0]
