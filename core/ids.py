@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 UNIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 TASK_ID = re.compile(r"([a-z][a-z0-9_]*)\.(\d+)")
+BOARD_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a NATS subject token and a work_id suffix
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,23 @@ class WorkId:
 
     def __str__(self) -> str:
         return self.unit if self.number is None else f"{self.unit}.{self.number}"
+
+
+ANY_BOARD = "*"  # `llm@*`: any board of the fleet that serves the model (a load-balanced inference)
+
+
+def split_board(text: str) -> tuple[str, str | None]:
+    """'llm.1003@kitchen' -> ('llm.1003', 'kitchen'); 'llm@*' -> ('llm', '*'); no '@' -> (text, None);
+    a bad board name -> (text, '')."""
+    local, sep, board = text.rpartition("@")
+    if not sep:
+        return text, None
+    return (local, board) if BOARD_NAME.fullmatch(board) or board == ANY_BOARD else (text, "")
+
+
+def on_board(work_id: str, board: str) -> str:
+    """A work_id as seen from another board: 'llm.1003' -> 'llm.1003@kitchen'."""
+    return f"{work_id or 'sys'}@{board}"
 
 
 def is_task_id(text: str) -> bool:

@@ -128,6 +128,22 @@ DEFAULTS: dict[str, Any] = {
     "wyoming.handle_model": "",  # the llm answering `transcript` (empty: the first installed llm)
     "wyoming.handle_prompt": "You are a voice assistant. Answer in one or two short sentences.",
     "wyoming.handle_max_tokens": 160,
+    # The fleet: boards joined over NATS (protocol.md §21); off while url is empty and serve false.
+    "fleet.url": "",  # nats://host:port of a NATS server (comma-separated for a cluster)
+    "fleet.serve": False,  # also run a nats-server on this board (on fleet.listen)
+    "fleet.listen": "127.0.0.1:4222",
+    "fleet.board": "",  # this board's name in work_ids (llm@kitchen); empty: the host name
+    "fleet.token": "",  # NATS token; a served nats-server requires it
+    "fleet.nkey_seed": "",  # file of an nkey seed (SU...); a served nats-server accepts its public key
+    "fleet.tls_cert": "",
+    "fleet.tls_key": "",
+    "fleet.tls_ca": "",
+    "fleet.alive_s": 0.5,  # each board announces itself this often
+    "fleet.liveness_s": 2.0,  # a board silent this long is gone: its requests in flight are answered
+    "fleet.discover_s": 0.3,  # how long a fleet-wide listing waits for boards to answer $SRV.PING
+    "fleet.balance": False,  # the HTTP gateways send llm inferences to any board serving the model (llm@*)
+    "fleet.slots": 1,  # load-balanced inferences this board runs at once; more are answered "busy"
+    "fleet.balance_wait_s": 120.0,  # how long a load-balanced inference waits for a board that is not busy
 }
 
 

@@ -52,6 +52,10 @@ def plan(settings: Any) -> list[Child]:
         children.append(Child("http", "firmware_bridge.http"))
     if settings["up.wyoming"] and module_exists("firmware_bridge.wyoming.__main__") and module_exists("wyoming"):
         children.append(Child("wyoming", "firmware_bridge.wyoming"))
+    if (settings["fleet.url"] or settings["fleet.serve"]) and module_exists("firmware_bridge.fleet.__main__"):
+        if settings["fleet.serve"]:
+            children.append(Child("nats", "firmware_bridge.fleet.server"))
+        children.append(Child("fleet", "firmware_bridge.fleet"))
     installed = registry.installed()
     for unit in settings["up.units"] or registry.default_units():
         info = installed.get(unit)

@@ -28,6 +28,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 CATALOGUE_TTL_S = 2.0
+# With fleet.balance: an inference for any board of the fleet serving the model (docs/protocol.md, the fleet).
+BALANCED = "llm@*"
 
 # What a pool task of each unit kind is set up with (the bus work_id and the setup data).
 TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {
@@ -119,13 +121,17 @@ class TaskPool:
     time before a task is unloaded; `max_queue` is each llm task's queue; `preload` names models loaded at
     start and kept, set up with `preload_setup(manifest)` when given; with `abort_load_on_disconnect` a
     load stops when the request that started it is cancelled (otherwise it goes on, so a retry finds the
-    model loaded)."""
+    model loaded); with `balance` (default: the fleet.balance setting) llm inferences go to `llm@*`, any
+    board of the fleet that serves the model, and nothing is loaded here for them."""
 
     def __init__(self, settings: Settings, client: BusClient | None = None, *, name: str = "pool",
                  keep_alive: Any = "5m", max_queue: int = 8, preload: Iterable[str] = (),
                  preload_setup: Callable[[dict], dict[str, Any]] | None = None,
-                 abort_load_on_disconnect: bool = False):
+                 abort_load_on_disconnect: bool = False, balance: bool | None = None):
         self.settings = settings
+        fleet_on = bool(settings.get("fleet.url") or settings.get("fleet.serve"))
+        self.balance = fleet_on and bool(settings.get("fleet.balance")) if balance is None else balance
+        self.balanced: dict[tuple[str, str], Served] = {}
         self.name = name
         self.client = client or BusClient.for_settings(settings, name)
         self.store = ManifestStore(settings.as_dict())
@@ -280,6 +286,13 @@ class TaskPool:
         started it (the client may retry), unless abort_load_on_disconnect."""
         unit = manifest["type"]
         key = (unit, manifest["mode"])
+        if self.balance and unit == "llm":
+            served = self.balanced.get(key)
+            if served is None or served.setup != (setup or {}):
+                served = Served(manifest["mode"], unit, BALANCED, "loaded", setup=dict(setup or {}))
+                self.balanced[key] = served
+            served.last_used = time.monotonic()
+            return served
         while True:  # an unload in flight finishes first; then look again (another request may have loaded)
             served = self.served.get(key)
             if served is not None and served.state == "unloading" and served.ready is not None:
@@ -453,9 +466,12 @@ class TaskPool:
 
     # requests -----------------------------------------------------------------------------------
     async def stream(self, served: Served, data: Any, request_id: str,
-                     object: str = "llm.chat_completion") -> AsyncIterator[Any]:
-        """The unit's outputs for one inference. Raises PoolError for an error envelope. Closing the
-        iterator before the end cancels the request on the unit (pause with its request_id)."""
+                     object: str = "llm.chat_completion", whole: bool = False) -> AsyncIterator[Any]:
+        """The unit's outputs for one inference (their data; whole Responses with `whole`). Raises PoolError
+        for an error envelope. Closing the iterator before the end cancels the request on the unit (pause
+        with its request_id)."""
+        if served.work_id == BALANCED:
+            data = {"model": served.mode, "input": data, "setup": served.setup}
         request = Request(request_id, served.work_id, "inference", object, data)
         served.inflight += 1
         self.running[request_id] = served
@@ -473,7 +489,7 @@ class TaskPool:
                     raise self._unit_error(response.code, response.message, retry_after=self.retry_after(served))
                 if isinstance(response.data, dict) and response.data.get("finish"):
                     finished = True  # before the yield: the consumer may stop iterating at this chunk
-                yield response.data
+                yield response if whole else response.data
             finished = True
         finally:
             served.inflight -= 1

@@ -18,6 +18,7 @@ from core.errors import ErrorCode
 from core.ids import WorkId
 from core.microphone import PCM_SOURCE
 from core.settings import Settings
+from core.sys.fleet import FLEET_UNIT, fleet_timeout, wants_fleet
 from core.sys.links import LinkDirectory
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,9 @@ class Broker:
         except (KeyError, TypeError):
             self.answer(origin, error_reply("0", "sys", ErrorCode.JSON_FORMAT))
             return
+        if wants_fleet(request):
+            self._forward_fleet(origin, request, message.binary)
+            return
         work_id = WorkId.parse(request.work_id)
         if request.action == "inference":
             task = self.tasks.get(request.work_id) if work_id and work_id.is_task else None
@@ -322,6 +326,14 @@ class Broker:
             self.answer_error(origin, request, ErrorCode.UNIT_NOT_EXIST)
             return
         self._forward(origin, request, record, float(self.settings["timeouts.control_s"]), message.binary)
+
+    def _forward_fleet(self, origin: Origin, request: Request, binary: bytes | None) -> None:
+        record = self.units.get(FLEET_UNIT)
+        if record is None:
+            self.answer_error(origin, request, ErrorCode.UNIT_CALL,
+                              "this board is not in a fleet (set fleet.url, see protocol.md \"The fleet\")")
+            return
+        self._forward(origin, request, record, fleet_timeout(request, self.settings), binary)
 
     def _forward(self, origin: Origin, request: Request, record: UnitRecord, timeout: float | None,
                  binary: bytes | None, assigned: str | None = None, error_work_id: str | None = None,

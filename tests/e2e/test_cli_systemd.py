@@ -48,7 +48,8 @@ def test_systemd_units_verify_clean(tmp_path):
     assert result.returncode == 0, result.stderr
     shutil.copy(tmp_path / "unitbus-unit@.service", tmp_path / "unitbus-unit@llm.service")
     files = [str(tmp_path / n) for n in ("unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service",
-                                         "unitbus-wyoming.service", "unitbus-unit@llm.service")]
+                                         "unitbus-wyoming.service", "unitbus-fleet.service", "unitbus-nats.service",
+                                         "unitbus-unit@llm.service")]
     verify = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True)
     assert verify.stderr == "", verify.stderr
     text = (tmp_path / "unitbus-unit@llm.service").read_text()

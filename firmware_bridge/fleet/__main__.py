@@ -1,0 +1,55 @@
+"""`python -m firmware_bridge.fleet`: the fleet bridge of this board (off unless fleet.url or fleet.serve)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from core import logs, notify
+from core.settings import Settings
+from firmware_bridge.fleet.bridge import FleetBridge
+
+log = logging.getLogger(__name__)
+
+
+async def main_async(settings: Settings) -> int:
+    # nats-py waits for an unreachable server itself (a served one may still be starting); what ends
+    # the join is refused credentials or a bad setting, and then systemd or `unitbus up` restarts us.
+    try:
+        bridge = FleetBridge(settings)
+    except ValueError as exc:  # fleet.board
+        log.error("%s", exc)
+        return 2
+    try:
+        await bridge.start()
+    except Exception as exc:
+        log.error("could not join the fleet: %s", exc or type(exc).__name__)
+        await bridge.close()
+        return 1
+    notify.ready(f"board {bridge.board} in the fleet")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(notify.watchdog_loop())
+    await stop.wait()
+    notify.notify("STOPPING=1")
+    watchdog.cancel()
+    await bridge.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unitbus-fleet", description="this board's units on NATS")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    settings = Settings.load(args.config, args.set)
+    logs.configure(settings["log.level"], "fleet")
+    sys.exit(asyncio.run(main_async(settings)))
+
+
+if __name__ == "__main__":
+    main()
