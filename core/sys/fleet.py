@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from core.envelope import Request
 from core.ids import split_board
+from core.settings import Settings
 
 FLEET_UNIT = "fleet"
 FLEET_WIDE = frozenset({"lstask", "lsmode", "hwinfo"})  # sys actions that can list every board
@@ -16,7 +17,7 @@ def wants_fleet(request: Request) -> bool:
             and request.data.get("fleet") is True)
 
 
-def fleet_timeout(request: Request, settings) -> float | None:
+def fleet_timeout(request: Request, settings: Settings) -> float | None:
     """sys's deadline for the bridge's answer; the bridge itself fails what a vanished board leaves."""
     if request.action == "inference":
         return None
