@@ -60,6 +60,9 @@ def tool_request(tools: Any, choice: Any, parallel: Any) -> ToolRequest | None:
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
             raise ValueError(f"tools[{i}].parameters: expected a JSON Schema object")
+        if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+            # Small models otherwise add keys of their own; a schema that wants them says so.
+            parameters = {**parameters, "additionalProperties": False}
         description = function.get("description") or ""
         if not isinstance(description, str):
             raise ValueError(f"tools[{i}].description: expected a string")

@@ -213,15 +213,24 @@ class LlmUnit(Unit):
         except (TypeError, ValueError) as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
         ids = list(context or []) + engine.encode(prompt_text)
-        if len(ids) + max_new > engine.context_length:
+        window = engine.context_length
+        num_ctx = request.get("num_ctx")
+        if num_ctx is not None:
+            if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1:
+                raise UnitError(ErrorCode.JSON_FORMAT, "num_ctx: expected a positive integer")
+            # Ollama's per-request window: the answer is cut at its end, a prompt that does not fit is refused.
+            window = min(num_ctx, window)
+            if len(ids) < window:
+                max_new = min(max_new, window - len(ids))
+        if len(ids) + max_new > window:
             if params["keep_context"] and params["context_overflow"] == "reset" and task.state["history"]:
                 task.state["history"] = []
                 finish_note = "context_reset"
                 ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None))
-            if len(ids) + max_new > engine.context_length:
+            if len(ids) + max_new > window:
                 raise UnitError(ErrorCode.CONTEXT_EXCEEDED, f"prompt {len(ids)} tokens + max_token_len {max_new} "
-                                                            f"> context {engine.context_length}")
-        sampler = Sampler(self._sampling(params, request))
+                                                            f"> context {window}")
+        sampler = Sampler(self._sampling(params, request, tools is not None))
         constraint = self._constraint(task, engine, request, tools)
         try:
             generation = engine.generate(ids, sampler, max_new, stop=stop, cancel=job.cancel, constraint=constraint)
@@ -238,12 +247,13 @@ class LlmUnit(Unit):
                     job.stream(delta)
         text = generation.text
         extras: dict[str, Any] = {}
-        if calling:
-            if generation.finish_reason == "length":
+        if calling and generation.finish_reason != "cancelled":
+            calls = parse_calls(text)  # complete calls only: one cut off by max_tokens is dropped
+            if not calls:
                 raise UnitError(ErrorCode.JSON_FORMAT, f"the tool call was not complete after max_tokens "
                                                        f"({max_new}) tokens: raise max_tokens or simplify the schema")
-            if generation.finish_reason != "cancelled":
-                extras["tool_calls"] = parse_calls(text)
+            extras["tool_calls"] = calls
+            if generation.finish_reason != "length":
                 finish_note = finish_note or "tool_calls"
         if extension:
             usage = generation.usage
@@ -264,7 +274,7 @@ class LlmUnit(Unit):
             job.emit(text)
 
     @staticmethod
-    def _sampling(params: dict[str, Any], request: dict[str, Any]):
+    def _sampling(params: dict[str, Any], request: dict[str, Any], tools: bool = False):
         values: dict[str, Any] = {
             "temperature": params["temperature"] if params["enable_temperature"] else 1.0,
             "top_p": params["top_p"] if params["enable_top_p_sampling"] else 1.0,
@@ -273,6 +283,10 @@ class LlmUnit(Unit):
             "penalty_window": params["penalty_window"],
             "seed": params["seed"],
         }
+        if tools:
+            # The call syntax repeats the prompt's tool block by design: the setup's penalty would steer the
+            # model away from calling and bend the arguments. A request's own penalty still applies.
+            values["repetition_penalty"] = 1.0
         values.update({k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None})
         if isinstance(values.get("logit_bias"), dict):
             try:
