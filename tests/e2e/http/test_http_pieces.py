@@ -320,3 +320,20 @@ def test_ai00_admin_needs_the_api_key_beside_its_token():
     assert client.get("/admin/models/unload", headers={"Authorization": "Bearer sekrit"}).status_code == 401
     # With the key in x-api-key the request reaches the admin check (management is off: 403).
     assert client.get("/admin/models/unload", headers={"x-api-key": "sekrit"}).status_code == 403
+
+
+def test_each_route_is_defined_once_per_listener():
+    """Route tables are per API; a listener that also serves another API's routes never gets a second
+    definition of one (Cortex keeps its own /v1/models, Ollama takes OpenAI's)."""
+    from firmware_bridge.http import cortex
+    from firmware_bridge.http.app import APIS
+    from firmware_bridge.http.common import HEALTH
+
+    for api, module in APIS.items():
+        routes = [route for router in (HEALTH, *module.ROUTERS) for route in router.routes]
+        keys = [(method, route.path) for route in routes for method in route.methods]
+        assert len(keys) == len(set(keys)), api
+        models = [route.endpoint for route in routes if route.path == "/v1/models" and "GET" in route.methods]
+        if api != "ai00":
+            assert models == [cortex.list_models if api == "cortex" else openai.list_models], api
+        assert create_app(api, Gateway(settings())).openapi()["paths"]
