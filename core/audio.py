@@ -53,7 +53,8 @@ def pcm_from_bytes(data: bytes) -> np.ndarray:
 def float_to_int16(x: np.ndarray) -> np.ndarray:
     """Float samples in [-1, 1] -> int16 (symmetric, x 32767), clipping overshoot and mapping NaN to 0."""
     x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    out: np.ndarray = np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)  # numpy types clip() as Any
+    return out
 
 
 def to_wav(pcm: np.ndarray, rate: int = RATE) -> bytes:

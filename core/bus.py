@@ -10,7 +10,8 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from collections.abc import Awaitable
+from typing import Any, ClassVar, cast
 
 import msgpack
 import zmq
@@ -25,8 +26,9 @@ PROBE_GRACE_S = 0.3
 # How long a closing process may wait for its goodbye (Gone) to reach sys.
 GOODBYE_LINGER_S = 0.5
 
-Route = list  # [client identity (bytes), tag (int), conn (int)]
-Owner = list  # [client identity (bytes), conn (int)]
+# Lists, not tuples: that is what msgpack gives back.
+Route = list[Any]  # [client identity (bytes), tag (int), conn (int)]
+Owner = list[Any]  # [client identity (bytes), conn (int)]
 
 
 class Message:
@@ -34,8 +36,10 @@ class Message:
     kind: ClassVar[str] = ""
     registry: ClassVar[dict[str, type["Message"]]] = {}
     binary: bytes | None
+    # Every subclass is a dataclass; this tells the type checker so.
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         Message.registry[cls.kind] = cls
 
@@ -45,8 +49,9 @@ class Message:
         # surrogatepass: a client's "\ud800" is a valid JSON string; the bus carries it as it is and only
         # the envelope codec replaces it with U+FFFD on the way out.
         frames = [msgpack.packb(body, use_bin_type=True, unicode_errors="surrogatepass")]
-        if getattr(self, "binary", None) is not None:
-            frames.append(self.binary)
+        binary = getattr(self, "binary", None)
+        if binary is not None:
+            frames.append(binary)
         return frames
 
     @staticmethod
@@ -97,10 +102,10 @@ class Req(Message):
     kind: ClassVar[str] = "req"
     tag: int
     conn: int
-    request: dict
-    route: list | None = None
+    request: dict[str, Any]
+    route: Route | None = None
     assigned: str | None = None
-    ctx: dict | None = None
+    ctx: dict[str, Any] | None = None
     binary: bytes | None = None
 
 
@@ -114,9 +119,9 @@ class Msg(Message):
     sys -> client: `tag` and `conn` say which request and connection it belongs to.
     """
     kind: ClassVar[str] = "msg"
-    response: dict | None = None
-    route: list | None = None
-    owner: list | None = None
+    response: dict[str, Any] | None = None
+    route: Route | None = None
+    owner: Owner | None = None
     publish: str | None = None
     final: bool = False
     tag: int | None = None
@@ -130,7 +135,7 @@ class Chain(Message):
     kind: ClassVar[str] = "chain"
     src: str
     dst: list[str]
-    response: dict | None = None
+    response: dict[str, Any] | None = None
     binary: bytes | None = None
 
 
@@ -140,7 +145,7 @@ class TaskEvent(Message):
     kind: ClassVar[str] = "task"
     op: str  # "up" or "down"
     work_id: str
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     subscribe: list[str] = field(default_factory=list)
     binary: bytes | None = None
 
@@ -193,11 +198,11 @@ class _LoopSocket:
     One coroutine receives on a socket at a time; sends are synchronous and never block.
     """
 
-    def __init__(self, sock: zmq.Socket):
+    def __init__(self, sock: zmq.Socket[bytes]):
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
-        self._waiter: asyncio.Future | None = None
+        self._fd = sock.fileno()  # the ZMQ_FD option
+        self._waiter: asyncio.Future[None] | None = None
         self._loop.add_reader(self._fd, self._wake)
 
     def _wake(self) -> None:
@@ -212,7 +217,7 @@ class _LoopSocket:
                 return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 pass
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._has_input():
                 continue
             self._waiter = self._loop.create_future()
             try:
@@ -224,8 +229,12 @@ class _LoopSocket:
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         finally:
-            if self._waiter is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._waiter is not None and self._has_input():
                 self._wake()
+
+    def _has_input(self) -> bool:
+        # ZMQ_EVENTS is an int option; pyzmq types every option as int | bytes.
+        return bool(cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def close(self, linger_s: float = 0.0) -> None:
         """Close; a receiver still waiting gets SocketClosed (its loop then moves to the new socket)."""
@@ -238,7 +247,7 @@ class _LoopSocket:
 class RouterSocket:
     """sys's socket. Sends to a peer that has gone raise PeerGone (ROUTER_MANDATORY)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str):
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -293,7 +302,7 @@ def peer_identity(name: str) -> bytes:
 
 
 class DealerSocket:
-    def __init__(self, ctx: zmq.Context, endpoint: str, identity: bytes):
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, identity)
@@ -321,7 +330,7 @@ class DealerSocket:
         self._sock.close(linger_s)
 
 
-async def wait_first(*aws) -> None:
+async def wait_first(*aws: Awaitable[Any]) -> None:
     """Run coroutines until the first one finishes; cancel the rest."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:

@@ -149,11 +149,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # models ----------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from core.manifest import ManifestStore
+    from core.manifest import Manifest, ManifestStore
 
     settings, _ = _settings(args)
     logs.configure("INFO")
     store = ManifestStore(settings)
+    manifest: Manifest | None
     if args.models_command == "list":
         for manifest in store.all():
             print(f"{manifest.mode:32} {manifest.type:5} {manifest.data.get('license', '')}")
@@ -226,10 +227,10 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
     # --target is a staging folder: every file goes there and nothing is created. Otherwise the files go
     # into the system (or the image at --root) and the user the services run as is created in it.
     root = None if args.target else Path(args.root)
-    target = Path(args.target) if args.target else root / "etc/systemd/system"
+    target = Path(args.target) if args.target else Path(args.root) / "etc/systemd/system"
     written = render_services(target, executable)
     try:
-        written.append(install_user(target if args.target else root / "etc/sysusers.d", root))
+        written.append(install_user(target if args.target else Path(args.root) / "etc/sysusers.d", root))
     except InstallError as exc:
         print(f"unitbus install-systemd: {exc}", file=sys.stderr)
         return 1

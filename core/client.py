@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from core import bus
 from core.envelope import Request, Response, error_reply
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[Response, bool], None]  # (response, final)
 ControlHandler = Callable[[bus.Control], None]
+Waiter = asyncio.Queue[tuple[Response | None, bool]]  # (response, final) for one stream()
 
 
 class BusClient:
@@ -37,12 +38,12 @@ class BusClient:
         self._sock: bus.DealerSocket | None = None
         self._tags = itertools.count(1)
         self._conns = itertools.count(1)
-        self._waiters: dict[int, asyncio.Queue] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._pending: dict[int, tuple[int, Request]] = {}  # tag -> (conn, request) until final
         self._sinks: dict[int, Sink] = {}
         self._conns_open: set[int] = set()
         self.on_control: ControlHandler | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._last_seen = time.monotonic()
 
     @classmethod
@@ -82,7 +83,7 @@ class BusClient:
     async def __aenter__(self) -> "BusClient":
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # connections -------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class BusClient:
     async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
                      timeout: float | None = None) -> AsyncIterator[Response]:
         """Every message the request produces, until the final one."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: Waiter = asyncio.Queue()
         tag = next(self._tags)
         self._waiters[tag] = queue
         self._pending[tag] = (conn, request)
@@ -144,7 +145,7 @@ class BusClient:
             return response
         return None
 
-    async def call(self, work_id: str, action: str, data=None, object: str = "None", request_id: str = "0",
+    async def call(self, work_id: str, action: str, data: Any = None, object: str = "None", request_id: str = "0",
                    conn: int = 0, timeout: float | None = 30.0) -> Response:
         """request() for code: raises UnitError when the answer is an error."""
         request = Request(request_id, work_id, action, object, "None" if data is None else data)

@@ -21,7 +21,8 @@ INT_MIN, INT_MAX = -2 ** 63, 2 ** 63 - 1
 MAX_DEPTH = 64
 
 
-def _replace_with_fffd(err: UnicodeError):
+def _replace_with_fffd(err: UnicodeError) -> tuple[bytes, int]:
+    assert isinstance(err, UnicodeEncodeError)  # registered for encode_text only
     # Lone surrogates (from "\ud800" in a request) must never reach the wire as invalid UTF-8.
     # The UTF-8 encoder accepts only ASCII text or bytes from a handler, so give the bytes of U+FFFD.
     return ("\ufffd".encode() * (err.end - err.start), err.end)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 
 class ErrorCode(enum.IntEnum):
@@ -93,7 +94,7 @@ class UnitError(Exception):
         self.message = message if message is not None else error_message(self.code, detail)
         super().__init__(self.message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[int, str], UnitError], tuple[int, str]]:
         return (_rebuild, (int(self.code), self.message))
 
 

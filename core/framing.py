@@ -8,7 +8,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from core.envelope import is_request
 from core.errors import ErrorCode
@@ -83,14 +83,14 @@ class Framer:
         self._expect = _KEY_OR_END
         self._in_string = self._key = self._escaped = self._scalar_open = self._oversize = False
 
-    def _abandon(self, events: list, detail: str) -> None:
+    def _abandon(self, events: list[Frame | FramingError], detail: str) -> None:
         """The current frame cannot be a request: say so, then answer the requests nested in it (rule 7)."""
         data = b"" if self._oversize else bytes(self._buf)
         self._reset_frame()
         events.append(FramingError(ErrorCode.JSON_FORMAT, detail))
         events.extend(Frame(request) for request in nested_requests(data))
 
-    def _collect(self, chunk: bytes, start: int, end: int, events: list) -> None:
+    def _collect(self, chunk: bytes, start: int, end: int, events: list[Frame | FramingError]) -> None:
         if self._oversize:
             return
         if len(self._buf) + (end - start) > self.max_frame_bytes:
@@ -203,6 +203,7 @@ class Framer:
                     j += 1
                     continue
                 m = token(chunk, j)
+                assert m is not None  # every part of _TOKEN is optional
                 kind = m.lastindex
                 if kind is None:  # only whitespace up to the end of the chunk
                     return n, False
@@ -254,12 +255,13 @@ class Framer:
             self._expect = expect
             self._in_string, self._escaped, self._key, self._scalar_open = in_string, escaped, key, scalar_open
 
-    def _complete(self, data: bytes, events: list) -> None:
+    def _complete(self, data: bytes, events: list[Frame | FramingError]) -> None:
         if b'"RAW"' in data[:64] or b'"BON"' in data[:64]:
             header = _binary_header(data)
             if header is not None:
                 kind, size, obj = header
-                request_id = obj.get("request_id") if isinstance(obj.get("request_id"), str) else "0"
+                given = obj.get("request_id")
+                request_id = given if isinstance(given, str) else "0"
                 if kind == "BON":
                     self._raw_skip = size
                     events.append(FramingError(ErrorCode.JSON_FORMAT, "BSON frames are not supported", request_id))
@@ -279,7 +281,7 @@ class Framer:
         events.append(Frame(data))
 
 
-def _binary_header(data: bytes) -> tuple[str, int, dict] | None:
+def _binary_header(data: bytes) -> tuple[str, int, dict[str, Any]] | None:
     """('RAW'|'BON', N, header) when the frame's first key is RAW or BON with a non-negative integer."""
     try:
         obj = json.loads(data)

@@ -6,18 +6,19 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from core import registry
 from core.errors import ErrorCode, UnitError
 from core.paths import package_dir, resolve_pkg_url
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # A language named in a StackFlow voice name (melotts-zh-cn, melotts_ja-jp-ax650): aliases cover the English ones.
 LANGUAGE_TAG = re.compile(r"(?<![a-z])([a-z]{2}[-_][a-z]{2})(?![a-z])")
 
-SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
+SCHEMA: dict[str, tuple[type, bool]] = {
     "mode": (str, True),
     "type": (str, True),
     "capabilities": (list, True),
@@ -45,11 +46,11 @@ class Manifest:
 
     @property
     def mode(self) -> str:
-        return self.data["mode"]
+        return cast(str, self.data["mode"])  # checked on load (SCHEMA)
 
     @property
     def type(self) -> str:
-        return self.data["type"]
+        return cast(str, self.data["type"])
 
     @property
     def aliases(self) -> list[str]:
@@ -114,7 +115,7 @@ def _normal(name: str) -> str:
 class ManifestStore:
     """The manifests one process can see, with the search roots of spec §17.2."""
 
-    def __init__(self, settings: Mapping[str, Any] | None = None, cwd: Path | None = None,
+    def __init__(self, settings: Settings | Mapping[str, Any] | None = None, cwd: Path | None = None,
                  bundled: Path | None = None):
         settings = settings or {}
         self.cwd = Path(cwd or Path.cwd())

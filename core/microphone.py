@@ -30,7 +30,7 @@ def capture_mode(settings: Settings) -> str | None:
     return mode if mode in ("alsa", "wav", "push") else None
 
 
-def frame_playing(response: dict | None) -> bool:
+def frame_playing(response: dict[str, Any] | None) -> bool:
     """Whether the audio unit marked a sys.pcm frame as heard while the board speaks (spec §12.3)."""
     data = (response or {}).get("data")
     return isinstance(data, dict) and bool(data.get("playing"))

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 from core import registry
 
@@ -72,7 +72,7 @@ class Supervisor:
             self.env["UNITBUS_CONFIG"] = str(config)
         self.env["UNITBUS_SUPERVISED"] = "1"  # units exit on sys.reset to be started afresh
         self.stopping = False
-        self._watchers: list[asyncio.Task] = []
+        self._watchers: list[asyncio.Task[None]] = []
 
     async def start_child(self, child: Child) -> None:
         child.process = await asyncio.create_subprocess_exec(sys.executable, "-m", child.module, *child.args,
@@ -101,7 +101,7 @@ class Supervisor:
             if not self.stopping:
                 await self.start_child(child)
 
-    async def run(self, ready_check=None) -> int:
+    async def run(self, ready_check: Callable[[], Coroutine[Any, Any, Any]] | None = None) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Coroutine
 
 from core import bus, logs, notify
 from core.envelope import NONE, Request, Response, error_reply, reply, stream_data
@@ -52,7 +52,7 @@ class Job:
     """
 
     def __init__(self, unit: "Unit", task: "Task", request_id: str, object: str, payload: Any,
-                 route: list | None = None, source: str | None = None, conn_key: tuple | None = None):
+                 route: bus.Route | None = None, source: str | None = None, conn_key: tuple[Any, Any] | None = None):
         self.unit = unit
         self.task = task
         self.request_id = request_id
@@ -64,7 +64,7 @@ class Job:
         self.cancel = threading.Event()
         self.index = 0
         self.finished = False  # a finish:true chunk went out
-        self.done: asyncio.Future | None = None
+        self.done: asyncio.Future[None] | None = None
 
     @property
     def type(self) -> ObjectType:
@@ -128,17 +128,17 @@ class Task:
     response_format: str
     inputs: list[str]
     enoutput: bool
-    owner: list | None
+    owner: bus.Owner | None
     last_request_id: str
     upstream: dict[str, str] = field(default_factory=dict)  # linked work_id -> unit kind
     sources: set[str] = field(default_factory=set)  # first tokens of non-task entries ("llm", "sys")
     exit_on_disconnect: bool = False
     paused: bool = False
     state: dict[str, Any] = field(default_factory=dict)
-    queue: collections.deque = field(default_factory=collections.deque)
+    queue: collections.deque[Job] = field(default_factory=collections.deque)
     current: Job | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    worker: asyncio.Task | None = None
+    worker: asyncio.Task[None] | None = None
     closed: bool = False
 
     @property
@@ -197,7 +197,7 @@ class Unit:
         self._refusal: Any = None  # the last reason sys gave for refusing this unit
         self.loop: asyncio.AbstractEventLoop | None = None
         self._last_from_sys = time.monotonic()
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.registered = asyncio.Event()
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
@@ -213,7 +213,7 @@ class Unit:
     def on_chain(self, job: Job) -> None:
         """Worker thread: handle an output of a linked task (job.payload is its response dict or PCM bytes)."""
 
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task, source: str, response: dict[str, Any] | None, binary: bytes | None) -> bool:
         """Event loop: a chain input arrived. Return True when handled here (e.g. barge-in), else it is queued."""
         return False
 
@@ -230,7 +230,7 @@ class Unit:
         """Event loop: what taskinfo and lstask show; units may add keys (clients ignore extra keys)."""
         return task.info()
 
-    async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
+    async def on_action(self, task: Task | None, request: Request, route: bus.Route, binary: bytes | None) -> Response | None:
         """Event loop: a unit-specific action (extra_actions)."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION)
 
@@ -339,7 +339,7 @@ class Unit:
                             actions=actions, version=self.version, features=list(self.features), key=self.key))
         self._last_from_sys = time.monotonic()
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -404,6 +404,7 @@ class Unit:
             if restart:  # a fresh process; sys writes "reset over" once it has registered again
                 log.info("sys.reset: restarting")
                 self.exit_code = RESTART_EXIT
+                assert self._stop is not None  # restart implies it
                 self._stop.set()
         elif message.op == "refused":
             if message.data != self._refusal:  # it asks again every heartbeat: say it once
@@ -417,11 +418,11 @@ class Unit:
     def on_control(self, message: bus.Control) -> None:
         """Event loop: housekeeping from sys (e.g. the subscriber count of sys.pcm); override if needed."""
 
-    def on_sink(self, source: str, response: dict | None, binary: bytes | None) -> None:
+    def on_sink(self, source: str, response: dict[str, Any] | None, binary: bytes | None) -> None:
         """Event loop: something published under a source this unit declared as `sink:<source>`."""
 
     # requests ----------------------------------------------------------------------------------
-    def _reply(self, route: list, response: Response | None, final: bool = True) -> None:
+    def _reply(self, route: bus.Route, response: Response | None, final: bool = True) -> None:
         self.send(bus.Msg(response=response.to_dict() if response else None, route=route, final=final))
 
     async def _request(self, message: bus.Req) -> None:
@@ -455,11 +456,11 @@ class Unit:
             raise UnitError(ErrorCode.UNIT_NOT_EXIST)
         return task
 
-    def _take_ownership(self, task: Task, route: list) -> None:
+    def _take_ownership(self, task: Task, route: bus.Route) -> None:
         if task.owner is None and route:
             task.owner = [route[0], route[2]]
 
-    async def _control_action(self, request: Request, message: bus.Req, route: list) -> None:
+    async def _control_action(self, request: Request, message: bus.Req, route: bus.Route) -> None:
         action = request.action
         work_id = WorkId.parse(request.work_id)
         if action in self.no_task_actions:
@@ -498,7 +499,7 @@ class Unit:
         self._reply(route, reply(request))
 
     # setup -------------------------------------------------------------------------------------
-    async def _setup(self, request: Request, message: bus.Req, route: list) -> None:
+    async def _setup(self, request: Request, message: bus.Req, route: bus.Route) -> None:
         epoch = self._epoch
         assigned = message.assigned or ""
         name = assigned.split(".")[0] or request.unit
@@ -552,7 +553,7 @@ class Unit:
         note = "; ".join(n for n in (note, task.state.pop("setup_note", ""), reclaimed) if n)
         self._reply(route, Response(request.request_id, task.work_id, message=note))
 
-    async def _make_room(self, snapshot: dict[str, dict]) -> str:
+    async def _make_room(self, snapshot: dict[str, dict[str, Any]]) -> str:
         """A slot for a new task, reclaiming orphans when the unit is full; a note naming them, or -21.
 
         An orphan is a task whose owner disconnected, that is idle, that links nothing and that no
@@ -588,7 +589,7 @@ class Unit:
         task.sources.add(token)
         task.inputs.append(entry)
 
-    def _link(self, task: Task, upstream: Any, snapshot: dict[str, dict]) -> None:
+    def _link(self, task: Task, upstream: Any, snapshot: dict[str, dict[str, Any]]) -> None:
         """Subscribe the task to an upstream task's outputs, checked against the unit and the manifests."""
         if not isinstance(upstream, str) or not is_task_id(upstream):
             raise UnitError(ErrorCode.LINK_FALSE)
@@ -628,7 +629,7 @@ class Unit:
                 self._announce(task)
 
     # inference ---------------------------------------------------------------------------------
-    def _inference(self, request: Request, message: bus.Req, route: list) -> None:
+    def _inference(self, request: Request, message: bus.Req, route: bus.Route) -> None:
         task = self.tasks.get(request.work_id)
         if task is None:
             raise UnitError(ErrorCode.INFERENCE_PUSH)
@@ -766,7 +767,7 @@ class Unit:
         self.streams.drop_target(task.work_id)
         self.send(bus.TaskEvent(op="down", work_id=task.work_id))
 
-    async def _drop_stale_owners(self, live: list) -> None:
+    async def _drop_stale_owners(self, live: list[Any]) -> None:
         """A restarted sys lists the clients (and their connections) that came back; other owners are gone."""
         conns = {bytes(client): {0, *open_conns} for client, open_conns in live}  # conn 0: the client itself
         for task in list(self.tasks.values()):
@@ -787,7 +788,7 @@ class Unit:
 
         When a client process vanished without saying goodbye (`release`), its tasks go too: they
         would hold task slots until a setup reclaimed them (spec §5.4)."""
-        def matches(key: tuple | list | None) -> bool:
+        def matches(key: tuple[Any, Any] | bus.Owner | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
         cancel = bool(self.settings["tcp.cancel_on_disconnect"])
@@ -802,6 +803,7 @@ class Unit:
             if cancel:
                 for job in [j for j in task.queue if matches(j.conn_key)]:
                     task.queue.remove(job)
+                    assert job.route is not None  # conn_key comes from the route
                     self._reply(job.route, None)
                 if task.current is not None and matches(task.current.conn_key):
                     await self._stop_job(task.current)

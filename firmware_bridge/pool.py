@@ -33,7 +33,8 @@ CATALOGUE_TTL_S = 2.0
 TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {
     "llm": ("llm", {"response_format": "llm.utf-8.stream", "input": "llm.utf-8", "enoutput": True}),
     "asr": ("whisper", {"response_format": "asr.utf-8", "input": "whisper.base64", "enoutput": True}),
-    "tts": ("tts", {"response_format": "tts.pcm.base64", "input": "tts.utf-8", "enoutput": True}),
+    # Streamed: a sentence's first audio reaches Wyoming and HTTP clients before its end is synthesised.
+    "tts": ("tts", {"response_format": "tts.pcm.stream.base64", "input": "tts.utf-8", "enoutput": True}),
     "kws": ("kws", {"response_format": "kws.json", "input": "kws.wav.base64", "enoutput": True,
                     "enwake_audio": False}),
 }

@@ -19,7 +19,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from core import bus
 from core.envelope import Request, Response, error_reply, reply, stream_data
@@ -29,7 +29,10 @@ from core.manifest import ManifestStore
 from core.streams import StreamAssembler, parse_chunk
 
 if TYPE_CHECKING:
-    from core.sys.broker import Broker, Origin
+    from core.sys.broker import Broker, Origin, UnitRecord
+
+    # An async do_* method: its final answer, or None when it answered itself.
+    AsyncHandler = Callable[[Origin, Request, bytes | None], Awaitable[Response | None]]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class SysActions:
             with self._boundary(origin, request):
                 self._send_result(origin, handler(origin, request, binary))
 
-    async def _run(self, handler, origin: "Origin", request: Request, binary: bytes | None) -> None:
+    async def _run(self, handler: "AsyncHandler", origin: "Origin", request: Request, binary: bytes | None) -> None:
         with self._boundary(origin, request):
             self._send_result(origin, await handler(origin, request, binary))
 
@@ -86,7 +89,7 @@ class SysActions:
             self.broker.answer(origin, result)
 
     @contextlib.contextmanager
-    def _boundary(self, origin: "Origin", request: Request):
+    def _boundary(self, origin: "Origin", request: Request) -> Iterator[None]:
         """The error boundary of sys actions: every request ends with an answer."""
         try:
             yield
@@ -101,19 +104,19 @@ class SysActions:
             self._reset_done.add(identity)
 
     # informational -----------------------------------------------------------------------------
-    def do_ping(self, origin, request, binary) -> Response:
+    def do_ping(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         return reply(request, "sys")
 
-    def do_lsmode(self, origin, request, binary) -> Response:
+    def do_lsmode(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         manifests = ManifestStore(self.settings).all()
         return reply(request, "sys", data=[m.data for m in manifests], object="sys.lsmode")
 
-    def do_lstask(self, origin, request, binary) -> Response:
+    def do_lstask(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         tasks = sorted(self.broker.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
         data = [{**t.info, "work_id": t.work_id} for t in tasks]
         return reply(request, "sys", data=data, object="sys.lstask")
 
-    def do_lsunit(self, origin, request, binary) -> Response:
+    def do_lsunit(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         now = time.monotonic()
         units = sorted(self.broker.workers.values(), key=lambda u: u.name)
         data = [{"unit": u.name, "names": u.names, "pid": u.pid, "version": u.version,
@@ -121,28 +124,28 @@ class SysActions:
                  "heartbeat_ms": int((now - u.last_seen) * 1000)} for u in units]
         return reply(request, "sys", data=data, object="sys.lsunit")
 
-    async def do_hwinfo(self, origin, request, binary) -> Response:
+    async def do_hwinfo(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         load = await cpu_load_percent(1.0)
         data = {"cpu_loadavg": load, "eth_info": eth_info(), "mem": memory_percent(), "temperature": temperature()}
         return reply(request, "sys", data=data, object="sys.hwinfo")
 
-    def do_cmminfo(self, origin, request, binary) -> Response:
+    def do_cmminfo(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         total, available = meminfo_kib()
         data = {"remain": available, "total": total, "used": total - available}
         return reply(request, "sys", data=data, object="sys.cmminfo")
 
     do_axcl_cmminfo = do_cmminfo
 
-    def do_version(self, origin, request, binary) -> Response:
+    def do_version(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         return reply(request, "sys", data=self.settings["sys.api_version"], object="sys.utf-8")
 
-    def do_version2(self, origin, request, binary) -> Response:
+    def do_version2(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         versions = {f"llm_{r.name}-{r.version}" for r in self.broker.workers.values()}
         versions.add(f"llm_sys-{VERSION}")
         return reply(request, "sys", data=sorted(versions), object="sys.utf-8.stream")
 
     # uartsetup and reset -----------------------------------------------------------------------
-    async def do_uartsetup(self, origin, request, binary) -> Response:
+    async def do_uartsetup(self, origin: "Origin", request: Request, binary: bytes | None) -> Response | None:
         if not isinstance(request.data, dict):
             raise UnitError(ErrorCode.JSON_FORMAT, "uartsetup data must be an object")
         new = validate_uart(request.data, self.uart)
@@ -154,7 +157,7 @@ class SysActions:
                 self.broker.send_to_client(identity, bus.Control("uartsetup", new))
         return None
 
-    async def do_reset(self, origin, request, binary) -> None:
+    async def do_reset(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
         self.broker.answer(origin, reply(request, "sys", message="llm server restarting ..."))
         broker = self.broker
         broker.cancel_all_inflight("sys.reset")
@@ -170,7 +173,7 @@ class SysActions:
             broker.send_to_unit(record, bus.Control("reset"))
         old = {record.identity for record in before}
 
-        def back(record) -> bool:
+        def back(record: "UnitRecord") -> bool:
             now = broker.units.get(record.name)
             return record.identity in self._reset_done or (now is not None and now.identity not in old)
 
@@ -187,13 +190,13 @@ class SysActions:
         return None
 
     # dangerous ---------------------------------------------------------------------------------
-    async def do_reboot(self, origin, request, binary) -> None:
+    async def do_reboot(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
         self.broker.answer(origin, reply(request, "sys", message="rebooting ..."))
         await asyncio.sleep(0.2)
         await run_program(["systemctl", "reboot"], timeout=30)
         return None
 
-    async def do_bashexec(self, origin, request, binary) -> Response | None:
+    async def do_bashexec(self, origin: "Origin", request: Request, binary: bytes | None) -> Response | None:
         streamed = ObjectType.parse(request.object).stream
         if streamed:
             command = self._collect(origin, request, ack=True)
@@ -214,9 +217,10 @@ class SysActions:
             index += 1
         return reply(request, "sys", data=stream_data(index, "", True), object="sys.utf-8.stream")
 
-    async def do_push(self, origin, request, binary) -> Response | None:
+    async def do_push(self, origin: "Origin", request: Request, binary: bytes | None) -> Response | None:
         flags, path = file_object(request.object)
         target = self._checked_path(path)
+        content: str | bytes | None
         if "stream" in flags:
             content = self._collect(origin, request, ack=False)
             if content is None:
@@ -232,7 +236,7 @@ class SysActions:
         digest = await asyncio.to_thread(write_atomically, target, payload)
         return reply(request, "sys", message=f"sha256:{digest}")
 
-    async def do_pull(self, origin, request, binary) -> Response | None:
+    async def do_pull(self, origin: "Origin", request: Request, binary: bytes | None) -> Response | None:
         flags, path = file_object(request.object)
         target = self._checked_path(path)
         if not target.is_file():
@@ -248,12 +252,12 @@ class SysActions:
             index += 1
         return reply(request, "sys", data=stream_data(index, "", True), object="sys.base64.stream")
 
-    async def do_update(self, origin, request, binary) -> Response:
+    async def do_update(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         root = Path(self.settings["sys.update_dir"])
         found = sorted(str(p) for p in root.glob("llm_update_*.deb"))
         return reply(request, "sys", data="".join(f"{p}\n" for p in found), object="sys.utf-8")
 
-    async def do_upgrade(self, origin, request, binary) -> None:
+    async def do_upgrade(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
         pattern = request.data
         if not isinstance(pattern, str) or not pattern or "/" in pattern or pattern.startswith("."):
             raise UnitError(ErrorCode.JSON_FORMAT, "upgrade data must be a file-name glob")
@@ -271,7 +275,7 @@ class SysActions:
                 self.broker.send_to_client(identity, bus.Control("notice", notice.to_dict()))
         return None
 
-    async def do_rmmode(self, origin, request, binary) -> Response:
+    async def do_rmmode(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
         name = request.data
         if not isinstance(name, str) or not PACKAGE_NAME.fullmatch(name):
             raise UnitError(ErrorCode.JSON_FORMAT, "rmmode data must be a model package name")
@@ -286,7 +290,7 @@ class SysActions:
                             or f"llm-{name} is not installed")
         return reply(request, "sys")
 
-    async def do_unit_call(self, origin, request, binary) -> None:
+    async def do_unit_call(self, origin: "Origin", request: Request, binary: bytes | None) -> None:
         unit_name, _, action = request.object.partition(".")
         record = self.broker.units.get(unit_name)
         if record is None:
@@ -364,7 +368,7 @@ def split_utf8(data: bytes, limit: int) -> list[str]:
     return chunks
 
 
-def validate_uart(data: dict, current: dict) -> dict:
+def validate_uart(data: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     new = dict(current)
     if "baud" in data:
         baud = data["baud"]

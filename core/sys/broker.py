@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Coroutine
 
 from core import bus, rundir
 from core.envelope import Request, Response, error_reply
@@ -50,7 +50,7 @@ class ClientRecord:
 class TaskRecord:
     work_id: str
     unit: UnitRecord
-    info: dict
+    info: dict[str, Any]
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Broker:
         self.started_at = time.monotonic()
         self._ctx = bus.Context()
         self.sock: bus.RouterSocket | None = None
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._pcm_subscribers = 0
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
@@ -121,7 +121,7 @@ class Broker:
             self.sock = None
         self._ctx.term()
 
-    def spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -334,7 +334,7 @@ class Broker:
                                           route=[origin.client, origin.tag, origin.conn], assigned=assigned,
                                           ctx=ctx, binary=binary))
 
-    def task_snapshot(self) -> dict[str, dict]:
+    def task_snapshot(self) -> dict[str, dict[str, Any]]:
         return {wid: {"unit": rec.unit.name, **rec.info} for wid, rec in self.tasks.items()}
 
     # from units --------------------------------------------------------------------------------
@@ -361,8 +361,9 @@ class Broker:
         if message.publish is not None:
             self.publish(message.publish, message.response, message.binary)
 
-    def publish(self, source: str, response: dict | None, binary: bytes | None) -> None:
+    def publish(self, source: str, response: dict[str, Any] | None, binary: bytes | None) -> None:
         sink = f"sink:{source}"
+        record: UnitRecord | None
         for record in list(self.workers.values()):
             if sink in record.features:
                 self.send_to_unit(record, bus.Chain(src=source, dst=[], response=response, binary=binary))

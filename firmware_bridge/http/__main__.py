@@ -80,9 +80,9 @@ async def main_async(settings: Settings) -> None:
     Server = _server_class()
     bind = settings["http.bind"]
     protocol = _protocol_class(float(settings["http.header_timeout_s"]))
-    servers = [Server(uvicorn.Config(l.app, host=bind, port=l.port, lifespan="off", access_log=False, http=protocol,
+    servers = [Server(uvicorn.Config(listener.app, host=bind, port=listener.port, lifespan="off", access_log=False, http=protocol,
                                      log_level=str(settings["log.level"]).lower(), timeout_graceful_shutdown=3))
-               for l in listeners]
+               for listener in listeners]
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,13 +92,13 @@ async def main_async(settings: Settings) -> None:
         await asyncio.sleep(0.05)
     registrar = None
     background = []
-    if settings["http.dbc.enabled"] and any(l.api == "openai" for l in listeners):
-        port = next(l.port for l in listeners if l.api == "openai")
+    if settings["http.dbc.enabled"] and any(listener.api == "openai" for listener in listeners):
+        port = next(listener.port for listener in listeners if listener.api == "openai")
         url = (settings["http.public_url"] or f"http://{bind}:{port}").rstrip("/") + "/v1/chat/completions"
         registrar = Registrar(settings, lambda: gateway.models(("llm",)), url,
                               lambda state: setattr(gateway, "dbc_state", state))
         background.append(asyncio.create_task(registrar.run()))
-    log.info("http listening on %s: %s", bind, ", ".join(f"{l.api} {l.port}" for l in listeners))
+    log.info("http listening on %s: %s", bind, ", ".join(f"{listener.api} {listener.port}" for listener in listeners))
     notify.ready("http listening")
     done = asyncio.create_task(stop.wait())
     await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)

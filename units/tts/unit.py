@@ -250,6 +250,8 @@ class TtsUnit(Unit):
         task = job.task
         voice: TtsVoice = task.state["voice"]
         rate = task.params["audio_rate"]
+        # A stream is resampled to the client's rate as one signal, so its chunk edges stay seamless.
+        stream = audio.Resampler(audio.RATE, rate) if task.stream_output else None
         sentence: list[np.ndarray] = []  # a non-stream format answers one message per sentence
         try:
             for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"] if speed is None else speed,
@@ -260,24 +262,25 @@ class TtsUnit(Unit):
                     self.publish(PLAY_SOURCE, binary=pcm.astype("<i2").tobytes())
                 if not task.enoutput:
                     continue
-                if task.stream_output:
-                    if pcm.size:
-                        self._return_audio(job, pcm, rate)
+                if stream is not None:
+                    self._return_audio(job, stream.push(pcm.astype(np.float32) / 32768.0))
                     continue
                 sentence.append(pcm)
                 if sentence_end:
-                    whole = np.concatenate(sentence)
+                    whole = np.concatenate(sentence).astype(np.float32) / 32768.0
                     sentence = []
-                    if whole.size:
-                        self._return_audio(job, whole, rate)
+                    self._return_audio(job, audio.resample(whole, audio.RATE, rate))
+            if stream is not None and task.enoutput:
+                self._return_audio(job, stream.flush())
         except TtsError as exc:
             raise UnitError(ErrorCode.MODEL_RUN, str(exc)) from None
 
     @staticmethod
-    def _return_audio(job: Job, pcm: np.ndarray, rate: int) -> None:
-        if rate != audio.RATE:
-            pcm = audio.float_to_int16(audio.resample(pcm.astype(np.float32) / 32768.0, audio.RATE, rate))
-        data = base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")
+    def _return_audio(job: Job, pcm: np.ndarray) -> None:
+        """float audio at the client's rate, as base64 int16: a stream chunk or one message (none if empty)."""
+        if not pcm.size:
+            return
+        data = base64.b64encode(audio.float_to_int16(pcm).astype("<i2").tobytes()).decode("ascii")
         if job.task.stream_output:
             job.stream(data)
         else:

@@ -60,9 +60,9 @@ def bad_bodies(api: str) -> list[tuple[str, bytes]]:
     ]
 
 
-def assert_api_error(api: str, r: httpx.Response) -> None:
+def assert_api_error(api: str, r: httpx.Response, body_name: str = "") -> None:
     """A 4xx whose JSON body is the API's own error shape."""
-    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert 400 <= r.status_code < 500, (body_name, r.status_code, r.text[:300])
     body = r.json()
     if api == "ollama":
         assert isinstance(body["error"], str) and body["error"]
@@ -77,7 +77,7 @@ def test_bad_bodies_are_4xx_in_the_apis_shape(http_stack, api):
     for name, raw in bad_bodies(api):
         r = httpx.post(http_stack.url(api, path), content=raw, headers={"Content-Type": "application/json"},
                        timeout=30)
-        assert_api_error(api, r)
+        assert_api_error(api, r, name)
     # The listener is still fine afterwards: a well-formed body is answered.
     r = httpx.post(http_stack.url(api, path), json=with_value(api, "max_tokens", 1), timeout=120)
     assert r.status_code == 200, r.text
