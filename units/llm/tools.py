@@ -92,9 +92,12 @@ def is_call(text: str) -> bool:
 
 
 def parse_calls(text: str) -> list[dict[str, Any]]:
-    """The calls of a complete answer, as [{name, arguments}] (the grammar made them valid JSON)."""
-    calls = []
+    """The calls of a complete answer, as [{name, arguments}] (the grammar made them valid JSON). A call
+    repeated word for word is kept once: small models repeat their call, and a client would run it twice."""
+    calls: list[dict[str, Any]] = []
     for match in CALL.finditer(text):
         call = json.loads(match.group(1))
-        calls.append({"name": call["name"], "arguments": call["arguments"]})
+        call = {"name": call["name"], "arguments": call["arguments"]}
+        if call not in calls:
+            calls.append(call)
     return calls

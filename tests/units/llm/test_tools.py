@@ -88,3 +88,11 @@ def test_a_named_choice_calls_that_tool_once(engine):
     assert offer.grammar().count('"const": "get_weather"') == 1 and "turn_on_light" not in offer.grammar()
     calls = parse_calls(generation.text)
     assert [c["name"] for c in calls] == ["get_weather"] and generation.finish_reason == "stop"
+
+
+def test_a_repeated_call_is_kept_once_and_a_cut_one_dropped():
+    one = '<tool_call>\n{"name":"turn_on_light","arguments":{"room":"hall"}}\n</tool_call>'
+    other = '<tool_call>\n{"name":"turn_on_light","arguments":{"room":"attic"}}\n</tool_call>'
+    text = "\n".join([one, other, one]) + '\n<tool_call>\n{"name":"turn_on'
+    assert parse_calls(text) == [{"name": "turn_on_light", "arguments": {"room": "hall"}},
+                                 {"name": "turn_on_light", "arguments": {"room": "attic"}}]
