@@ -136,6 +136,8 @@ def test_openai_bad_tools(client, http_stack):
                          "no tool named 'fly'"),
                         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0]"),
                         ({"tool_choice": "required"}, "tool_choice needs tools"),
+                        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                            "type": "object", "properties": {"a": {"type": "wat"}}}}}]}, "Invalid type: wat"),
                         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "format")):
         r = httpx.post(http_stack.url("openai", "/v1/chat/completions"),
                        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, **body})
