@@ -23,8 +23,6 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetit
 UNSUPPORTED_KEYS = ("images",)
 # Request keys asking for constrained decoding (units/llm/grammar.py); models need the "grammar" capability.
 GRAMMAR_KEYS = ("format", "grammar")
-# Request keys of tool calling (units/llm/tools.py); models need the "tools" capability.
-TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 class LlmUnit(Unit):
@@ -226,7 +224,8 @@ class LlmUnit(Unit):
             if params["keep_context"] and params["context_overflow"] == "reset" and task.state["history"]:
                 task.state["history"] = []
                 finish_note = "context_reset"
-                ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None))
+                ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None,
+                                                       tools=tools.tools if tools else ()))
             if len(ids) + max_new > window:
                 raise UnitError(ErrorCode.CONTEXT_EXCEEDED, f"prompt {len(ids)} tokens + max_token_len {max_new} "
                                                             f"> context {window}")
