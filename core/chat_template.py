@@ -7,6 +7,7 @@ Rendered as Hugging Face's apply_chat_template does (trim_blocks, lstrip_blocks,
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 # Conversations the converter renders to decide a template's form; they cover the turns requests send.
@@ -91,3 +92,46 @@ def template_form(source: str, default_system: str | None, bos_token: str = "", 
                 raise TemplateError("the chat template renders a conversation as empty text")
             same = same and rendered == chatml_prompt(probe, default_system, add_generation_prompt)
     return "chatml" if same else "jinja"
+
+
+# Tools, for templates without tool support (SmolLM2's has none): the form of Hugging Face's tool-use
+# templates for ChatML models (Hermes, Qwen2.5): the signatures in a <tools> block of the system turn,
+# calls as <tool_call> JSON, results as a user turn of <tool_response> blocks.
+TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call as the model writes it (and as the llm unit's grammar makes it write it)."""
+    return CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + CALL_CLOSE
+
+
+def tool_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]],
+                  default_system: str | None) -> list[dict[str, str]]:
+    """Messages with the offered tools, assistant `tool_calls` ({name, arguments}) and `tool` results
+    written as plain turns. Consecutive tool results share one user turn, as in Qwen2.5's template."""
+    out: list[dict[str, str]] = []
+    rest = list(messages)
+    if tools:
+        system = default_system or ""
+        if rest and rest[0].get("role") == "system":
+            system = message_text(rest.pop(0).get("content") or "")
+        block = "\n".join(json.dumps({"type": "function", "function": dict(t)}, ensure_ascii=False) for t in tools)
+        out.append({"role": "system", "content": (system + "\n\n" if system else "") + TOOLS_SYSTEM.format(tools=block)})
+    for m in rest:
+        content = message_text(m.get("content") or "")
+        if m.get("role") == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1]["content"].endswith("</tool_response>"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response})
+            continue
+        calls = [tool_call_text(c["name"], c.get("arguments", {})) for c in m.get("tool_calls") or []]
+        out.append({"role": m["role"], "content": "\n".join(([content] if content else []) + calls)})
+    return out

@@ -128,7 +128,7 @@ def usage_totals(usage: dict | None) -> dict[str, int]:
 def finish_reason(chunk: dict) -> str:
     """Unit finish reasons in OpenAI's vocabulary (a cancelled request reports `stop`)."""
     reason = chunk.get("finish_reason") or "stop"
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 # health (§1.9) ------------------------------------------------------------------------------------

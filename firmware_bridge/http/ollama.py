@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 IGNORED_OPTIONS = {"num_keep", "tfs_z", "penalize_newline", "numa", "num_batch", "num_gpu", "main_gpu", "low_vram",
-                   "f16_kv", "vocab_only", "use_mmap", "use_mlock", "num_thread", "draft_num_predict", "num_ctx"}
+                   "f16_kv", "vocab_only", "use_mmap", "use_mlock", "num_thread", "draft_num_predict"}
 NUMERIC_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                    "typical_p": "typical_p", "seed": "seed", "repeat_penalty": "repetition_penalty",
                    "repeat_last_n": "penalty_window", "presence_penalty": "presence_penalty",
@@ -99,6 +99,8 @@ def options(body: dict) -> dict[str, Any]:
                 raise GatewayError(400, "num_predict: expected a positive number, -1 or -2")
         elif key == "stop":
             data["stop"] = stop_list(value, "stop", None)
+        elif key == "num_ctx":
+            data["num_ctx"] = number(opts, key, 1, integer=True)
         elif key == "mirostat":
             mode = number(opts, key, 0, 2, integer=True)
             if mode:
@@ -116,9 +118,8 @@ def options(body: dict) -> dict[str, Any]:
 def check_common(body: dict, manifest: dict) -> None:
     caps = capabilities(manifest)
     name = manifest["mode"]
-    think = body.get("think")
-    if think not in (None, False) and "thinking" not in caps:
-        raise GatewayError(400, f'"{name}" does not support thinking')
+    if body.get("think") not in (None, False, True, "low", "medium", "high"):
+        raise GatewayError(400, 'think: expected a boolean or "low", "medium", "high"')
     for key in ("logprobs", "top_logprobs"):
         if body.get(key):
             raise GatewayError(400, f"{key} is not supported")
@@ -163,6 +164,8 @@ class Options(Body):
     repeat_last_n: bounded("penalty_window") = None  # type: ignore[valid-type]
     presence_penalty: Penalty = None
     frequency_penalty: bounded("frequency_penalty") = None  # type: ignore[valid-type]
+    num_ctx: Optional[int] = Field(None, ge=1, le=INT32_MAX, strict=True,
+                                   description="the context window of this request (at most the model's)")
     num_predict: Optional[int] = Field(None, ge=-2, le=INT32_MAX, strict=True,
                                        description="a positive limit, or -1/-2 for the model's default")
     stop: Stop = None
@@ -175,10 +178,22 @@ KeepAlive = Optional[str | Annotated[float, Field(allow_inf_nan=False)]]
 Format = Optional[Literal["json", ""] | dict[str, Any]]
 
 
+class Function(Body):
+    name: str
+    arguments: Optional[dict[str, Any]] = None
+
+
+class ToolCall(Body):
+    function: Function
+
+
 class Message(Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: Optional[str] = None
     images: Optional[list[str]] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="an assistant's earlier calls")
+    tool_name: Optional[str] = Field(None, description="the tool a tool message answers")
+    thinking: Optional[str] = None
 
 
 class Common(Body):
@@ -277,8 +292,14 @@ async def generate_like(request: Request, fields: dict[str, Any], chat: bool) ->
         for m in messages:
             if m.get("images") and "vision" not in caps:
                 raise GatewayError(400, "model does not support images")
-            out.append({"role": m["role"], "content": m.get("content") or ""})
+            turn = {"role": m["role"], "content": m.get("content") or ""}
+            if m.get("tool_calls"):
+                turn["tool_calls"] = [{"name": c["function"]["name"], "arguments": c["function"].get("arguments") or {}}
+                                      for c in m["tool_calls"]]
+            out.append(turn)
         data["messages"] = out
+        if body.get("tools"):
+            data["tools"] = body["tools"]
     else:
         prompt = body.get("prompt") or ""
         if body.get("images") and "vision" not in caps:
@@ -310,10 +331,17 @@ async def generate_like(request: Request, fields: dict[str, Any], chat: bool) ->
     rid = f"ollama-{uuid.uuid4().hex[:24]}"
     _, unit_stream, head = await open_llm(gw, request, manifest, data, rid, keep_alive=keep_alive)
 
+    thinking = body.get("think") not in (None, False)
+
     def piece(text: str, done: bool, last: dict | None = None) -> dict:
         obj: dict[str, Any] = {"model": name, "created_at": rfc3339(time.time())}
         if chat:
             obj["message"] = {"role": "assistant", "content": text}
+            if thinking:  # the model does not think aloud: Ollama's field, empty
+                obj["message"]["thinking"] = ""
+            if last is not None and last.get("tool_calls"):
+                obj["message"]["tool_calls"] = [{"function": {"index": i, **call}}
+                                                for i, call in enumerate(last["tool_calls"])]
         else:
             obj["response"] = text
         obj["done"] = done

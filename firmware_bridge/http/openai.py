@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import struct
 import time
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from core.sampling import INT32_MAX
-from firmware_bridge.http.common import (call_unit, capabilities, error_responses, finish_reason, gateway, number,
+from firmware_bridge.http.common import (call_unit, error_responses, finish_reason, gateway, number,
                                          open_llm, require_capability, stop_list, usage_totals, watch)
 from firmware_bridge.http.errors import GatewayError
 from firmware_bridge.http.gateway import Gateway
@@ -126,15 +127,46 @@ def chat_data(body: dict, manifest: dict) -> dict[str, Any]:
         if role not in ROLES:
             raise GatewayError(400, f"messages[{i}].role: expected one of {', '.join(ROLES)}",
                                param=f"messages[{i}].role")
-        out.append({"role": ROLES[role], "content": message_text(message.get("content"), manifest, i)})
-    for key in ("tools", "functions"):
-        if body.get(key):
-            require_capability(manifest, "tools", key, "tool calling")
-    choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto") and "tools" not in capabilities(manifest):
-        raise GatewayError(400, "tool_choice is not supported", code="unsupported_parameter", param="tool_choice")
+        turn = {"role": ROLES[role], "content": message_text(message.get("content"), manifest, i)}
+        if role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = [history_call(call, f"messages[{i}].tool_calls[{j}]")
+                                  for j, call in enumerate(message["tool_calls"])]
+        out.append(turn)
+    data: dict[str, Any] = {"messages": out}
+    tools = body.get("tools") or [{"type": "function", "function": f} for f in body.get("functions") or []]
+    if tools:
+        require_capability(manifest, "tools", "tools" if body.get("tools") else "functions", "tool calling")
+        data["tools"] = tools
+        for key in ("tool_choice", "parallel_tool_calls"):
+            if body.get(key) is not None:
+                data[key] = body[key]
+    elif body.get("tool_choice") not in (None, "none", "auto"):
+        raise GatewayError(400, "tool_choice needs tools", param="tool_choice")
     default_max = int(manifest.get("mode_param", {}).get("max_token_len", 1024))
-    return {"messages": out, **sampling(body, manifest, default_max)}
+    return {**data, **sampling(body, manifest, default_max)}
+
+
+def history_call(call: Any, param: str) -> dict[str, Any]:
+    """An earlier assistant call ({id, type, function: {name, arguments: JSON text}}) as the unit takes it."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise GatewayError(400, f"{param}: expected {{type: function, function: {{name, arguments}}}}", param=param)
+    arguments = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        raise GatewayError(400, f"{param}.function.arguments: not JSON", param=f"{param}.function.arguments") from None
+    return {"name": function["name"], "arguments": arguments}
+
+
+def openai_calls(chunk: dict, streamed: bool = False) -> list[dict[str, Any]]:
+    """The unit's calls ({name, arguments}) in OpenAI's form, arguments as JSON text (with `index` in a stream)."""
+    calls = []
+    for i, call in enumerate(chunk.get("tool_calls") or []):
+        entry = {"id": new_id("call"), "type": "function",
+                 "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+        calls.append({"index": i, **entry} if streamed else entry)
+    return calls
 
 
 def completion_data(body: dict, manifest: dict) -> dict[str, Any]:
@@ -178,6 +210,8 @@ def chat_events(unit_stream: UnitStream, head: Any, rid: str, created: int, mode
         started = True
         if chunk.get("delta"):
             out.append(event([choice(chunk["delta"] if completion else {"content": chunk["delta"]}, None)]))
+        if chunk.get("tool_calls") and not completion:  # complete calls: each one whole in its first delta
+            out.append(event([choice({"tool_calls": openai_calls(chunk, True)}, None)]))
         if chunk.get("finish"):
             out.append(event([choice("" if completion else {}, finish_reason(chunk))]))
             if include_usage:
@@ -194,10 +228,23 @@ class Part(Body):
     text: Optional[str] = None
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: Optional[str] = Field(None, description="the arguments as JSON text")
+
+
+class ToolCall(Body):
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionCall
+
+
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[str | list[Part]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="an assistant's earlier calls")
+    tool_call_id: Optional[str] = Field(None, description="the call a tool message answers")
 
 
 class StreamOptions(Body):
@@ -237,7 +284,10 @@ class ChatRequest(Sampling):
     max_completion_tokens: MaxTokens = None
     tools: Optional[list[dict[str, Any]]] = None
     functions: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[str | dict[str, Any]] = None
+    tool_choice: Optional[Literal["none", "auto", "required"] | dict[str, Any]] = Field(
+        None, description='"auto" (text or calls), "none", "required" (calls only) or {"type": "function", '
+                          '"function": {"name": ...}} (that call only)')
+    parallel_tool_calls: Optional[bool] = Field(None, description="several calls in one answer (default true)")
 
 
 class CompletionRequest(Sampling):
@@ -319,8 +369,10 @@ async def completions(request: Request, body: Sampling, completion: bool) -> Res
     if completion:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(last)}
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason(last)}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if last.get("tool_calls"):
+            message = {"role": "assistant", "content": None, "tool_calls": openai_calls(last)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(last)}
     return JSONResponse(dbc(settings, {"id": rid, "object": "text_completion" if completion else "chat.completion",
                                        "created": created, "model": model, "system_fingerprint": FINGERPRINT,
                                        "choices": [choice], "usage": usage_totals(last.get("usage"))}),

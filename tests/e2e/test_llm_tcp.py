@@ -92,9 +92,19 @@ def test_chat_completion_extension_stop_strings_and_context(llm_stack):
         huge = c.request({"request_id": "big", "work_id": work_id, "action": "inference", "object": "llm.chat_completion",
                           "data": {"prompt": "word " * 9000, "max_tokens": 5}})
         assert huge["error"]["code"] == -35 and "context" in huge["error"]["message"]
-        unsupported = c.request({"request_id": "fmt", "work_id": work_id, "action": "inference",
-                                 "object": "llm.chat_completion", "data": {"prompt": "x", "tools": [{"type": "function"}]}})
-        assert unsupported["error"]["code"] == -37
+        malformed = c.request({"request_id": "fmt", "work_id": work_id, "action": "inference",
+                               "object": "llm.chat_completion", "data": {"prompt": "x", "tools": [{"type": "function"}]}})
+        assert malformed["error"]["code"] == -2 and "tools[0]" in malformed["error"]["message"]
+        light = {"name": "turn_on_light", "parameters": {"type": "object", "properties": {"room": {"type": "string"}},
+                                                         "required": ["room"]}}
+        c.send({"request_id": "tool", "work_id": work_id, "action": "inference", "object": "llm.chat_completion",
+                "data": {"prompt": "Turn on the kitchen light.", "tools": [light], "max_tokens": 60,
+                         "tool_choice": "required", "parallel_tool_calls": False}})
+        chunks = c.stream("tool")
+        called = chunks[-1]["data"]
+        assert called["finish_reason"] == "tool_calls" and text_of(chunks) == ""  # the call is not text
+        assert [call["name"] for call in called["tool_calls"]] == ["turn_on_light"]
+        assert set(called["tool_calls"][0]["arguments"]) == {"room"}
         scored = c.request({"request_id": "sc", "work_id": work_id, "action": "inference", "object": "llm.score",
                             "data": {"input": "The capital of France is", "choices": [" Paris", " banana"]}})
         ranks = {r["index"]: r["perplexity"] for r in scored["data"]}

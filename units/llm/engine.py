@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from units.llm.sampler import Sampler
-from core.chat_template import JinjaTemplate, chatml_prompt
+from core.chat_template import JinjaTemplate, chatml_prompt, tool_messages
 from core.runtime import return_memory_to_os
 from units.llm.tokenizer import TextAssembler, TextTokenizer
 
@@ -336,9 +336,14 @@ class LlmEngine:
         return self.config.get("default_system")
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], system_default: str | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        """The chat template applied to messages ({role, content}). Without a system message first,
-        `system_default` is inserted (None: the template's own default; "": no system turn)."""
+                    add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] = ()) -> str:
+        """The chat template applied to messages ({role, content}, assistant `tool_calls`, `tool` results).
+        Without a system message first, `system_default` is inserted (None: the template's own default;
+        "": no system turn). `tools` ({name, description, parameters}) are offered to the model."""
+        if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            # Neither SmolLM2's template nor ChatML knows tools: they are written out as plain turns.
+            system = self.default_system if system_default is None else system_default
+            messages = tool_messages(messages, tools, system)
         if self.config.get("chat_format") == "chatml":
             system = self.default_system if system_default is None else system_default
             return chatml_prompt(messages, system, add_generation_prompt)

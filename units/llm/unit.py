@@ -11,6 +11,7 @@ from core.unit import Job, Task, Unit
 from units.llm import UNIT
 from units.llm.engine import ContextOverflow, LlmEngine, load_llm
 from units.llm.sampler import Sampler, params_from_request
+from units.llm.tools import ToolRequest, is_call, parse_calls, tool_request
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ RESET_ANSWER = "Context has been reset."
 # Request keys of llm.chat_completion that change sampling for one request (spec §11.3).
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "penalty_window",
                  "presence_penalty", "frequency_penalty", "penalty_decay", "seed", "logit_bias", "sampler")
-UNSUPPORTED_KEYS = ("images", "tools")
+UNSUPPORTED_KEYS = ("images",)
 # Request keys asking for constrained decoding (units/llm/grammar.py); models need the "grammar" capability.
 GRAMMAR_KEYS = ("format", "grammar")
 
@@ -148,11 +149,34 @@ class LlmUnit(Unit):
             raw_prompt = request["prompt"] if request.get("raw") else None
         else:
             raise UnitError(ErrorCode.JSON_FORMAT, "llm.chat_completion needs messages or prompt")
-        self._generate(job, messages, raw_prompt, request, extension=True, context=context)
+        self._generate(job, messages, raw_prompt, request, extension=True, context=context,
+                       tools=self._tools(task, request))
 
     @staticmethod
-    def _constraint(task: Task, engine: LlmEngine, request: dict[str, Any]):
+    def _tools(task: Task, request: dict[str, Any]):
+        """The request's tool offer (None: no tools, or tool_choice "none")."""
+        if not request.get("tools"):
+            return None
+        if "tools" not in task.manifest.data.get("capabilities", []):
+            raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"tools not supported by {task.manifest.mode}")
+        if any(request.get(key) for key in GRAMMAR_KEYS):
+            raise UnitError(ErrorCode.JSON_FORMAT, "tools cannot be used together with format or grammar")
+        try:
+            return tool_request(request["tools"], request.get("tool_choice"), request.get("parallel_tool_calls"))
+        except ValueError as exc:
+            raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
+
+    @staticmethod
+    def _constraint(task: Task, engine: LlmEngine, request: dict[str, Any], tools: ToolRequest | None = None):
         """The grammar constraint a request asks for (None: unconstrained)."""
+        if tools is not None:
+            from llguidance import LLMatcher
+            from units.llm.grammar import GrammarConstraint, llg_tokenizer
+
+            try:
+                return GrammarConstraint(llg_tokenizer(engine), LLMatcher.grammar_from_lark(tools.grammar()))
+            except ValueError as exc:  # a tool's parameters that llguidance cannot take as a JSON Schema
+                raise UnitError(ErrorCode.JSON_FORMAT, f"tools: {exc}") from None
         asked = [key for key in GRAMMAR_KEYS if request.get(key)]
         if not asked:
             return None
@@ -168,7 +192,7 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
 
     def _generate(self, job: Job, messages: list[dict], raw_prompt: str | None, request: dict[str, Any],
-                  extension: bool, context: list[int] | None = None) -> None:
+                  extension: bool, context: list[int] | None = None, tools: ToolRequest | None = None) -> None:
         task = job.task
         engine: LlmEngine = task.state["engine"]
         params = task.params
@@ -182,20 +206,31 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, "stop: expected a list of strings")
         finish_note = None
         try:
-            prompt_text = raw_prompt if raw_prompt is not None else engine.chat_prompt(messages, params["prompt"] or None)
+            prompt_text = raw_prompt if raw_prompt is not None else \
+                engine.chat_prompt(messages, params["prompt"] or None, tools=tools.tools if tools else ())
         except (TypeError, ValueError) as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
         ids = list(context or []) + engine.encode(prompt_text)
-        if len(ids) + max_new > engine.context_length:
+        window = engine.context_length
+        num_ctx = request.get("num_ctx")
+        if num_ctx is not None:
+            if not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1:
+                raise UnitError(ErrorCode.JSON_FORMAT, "num_ctx: expected a positive integer")
+            # Ollama's per-request window: the answer is cut at its end, a prompt that does not fit is refused.
+            window = min(num_ctx, window)
+            if len(ids) < window:
+                max_new = min(max_new, window - len(ids))
+        if len(ids) + max_new > window:
             if params["keep_context"] and params["context_overflow"] == "reset" and task.state["history"]:
                 task.state["history"] = []
                 finish_note = "context_reset"
-                ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None))
-            if len(ids) + max_new > engine.context_length:
+                ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None,
+                                                       tools=tools.tools if tools else ()))
+            if len(ids) + max_new > window:
                 raise UnitError(ErrorCode.CONTEXT_EXCEEDED, f"prompt {len(ids)} tokens + max_token_len {max_new} "
-                                                            f"> context {engine.context_length}")
-        sampler = Sampler(self._sampling(params, request))
-        constraint = self._constraint(task, engine, request)
+                                                            f"> context {window}")
+        sampler = Sampler(self._sampling(params, request, tools is not None))
+        constraint = self._constraint(task, engine, request, tools)
         try:
             generation = engine.generate(ids, sampler, max_new, stop=stop, cancel=job.cancel, constraint=constraint)
         except ContextOverflow as exc:
@@ -203,15 +238,25 @@ class LlmUnit(Unit):
         except ValueError as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
         streaming = task.stream_output
+        calling = False  # the answer is tool calls: they are sent whole, parsed, at the end
         with generation:
             for delta in generation:
-                if streaming:
+                calling = calling or (tools is not None and is_call(generation.text))
+                if streaming and not calling:
                     job.stream(delta)
         text = generation.text
         extras: dict[str, Any] = {}
+        if calling and generation.finish_reason != "cancelled":
+            calls = parse_calls(text)  # complete calls only: one cut off by max_tokens is dropped
+            if not calls:
+                raise UnitError(ErrorCode.JSON_FORMAT, f"the tool call was not complete after max_tokens "
+                                                       f"({max_new}) tokens: raise max_tokens or simplify the schema")
+            extras["tool_calls"] = calls
+            if generation.finish_reason != "length":
+                finish_note = finish_note or "tool_calls"
         if extension:
             usage = generation.usage
-            extras = {"finish_reason": finish_note or generation.finish_reason,
+            extras = {**extras, "finish_reason": finish_note or generation.finish_reason,
                       "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                                 "prompt_ms": round(usage.prompt_ms), "decode_ms": round(usage.decode_ms),
                                 "load_ms": 0}}
@@ -223,12 +268,12 @@ class LlmUnit(Unit):
         if streaming:
             job.stream("", True, **extras)
         elif extension:
-            job.emit({"text": text, **extras})
+            job.emit({"text": "" if calling else text, **extras})
         else:
             job.emit(text)
 
     @staticmethod
-    def _sampling(params: dict[str, Any], request: dict[str, Any]):
+    def _sampling(params: dict[str, Any], request: dict[str, Any], tools: bool = False):
         values: dict[str, Any] = {
             "temperature": params["temperature"] if params["enable_temperature"] else 1.0,
             "top_p": params["top_p"] if params["enable_top_p_sampling"] else 1.0,
@@ -237,6 +282,10 @@ class LlmUnit(Unit):
             "penalty_window": params["penalty_window"],
             "seed": params["seed"],
         }
+        if tools:
+            # The call syntax repeats the prompt's tool block by design: the setup's penalty would steer the
+            # model away from calling and bend the arguments. A request's own penalty still applies.
+            values["repetition_penalty"] = 1.0
         values.update({k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None})
         if isinstance(values.get("logit_bias"), dict):
             try:
