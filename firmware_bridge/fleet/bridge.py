@@ -97,8 +97,7 @@ class FleetBridge:
         self.slots = int(settings["fleet.slots"])
         self.balance_wait_s = float(settings["fleet.balance_wait_s"])
         self.heartbeat_s = float(settings["bus.heartbeat_s"])
-        self.client = BusClient(settings.bus_endpoint(), name="fleet", heartbeat_s=self.heartbeat_s,
-                                liveness_s=float(settings["bus.liveness_s"]))
+        self.client = BusClient.for_settings(settings, "fleet")
         # Load-balanced inferences run on this board's own pool tasks (never balanced again from here).
         self.pool = TaskPool(settings, self.client, name=f"fleet-{self.board}", keep_alive=settings["http.keep_alive"],
                              max_queue=max(1, self.slots), balance=False)
@@ -106,6 +105,9 @@ class FleetBridge:
         self.model_counts: dict[str, dict[str, int]] = {}  # model subject -> accepted / busy answers ($SRV.STATS)
         self._ctx = bus.Context()
         self.sock: bus.DealerSocket | None = None
+        # Registered as the unit `fleet` too: one identity for the process's life and the run dir's key.
+        self.identity = bus.peer_identity(FLEET_UNIT)
+        self.key = settings.bus_key()
         self.nc = None
         self.service = None
         self.instance = ""  # this bridge process among all that ever ran as this board (set on joining)
@@ -158,7 +160,7 @@ class FleetBridge:
                                             handler=self._on_model, metadata={"board": self.board, "model": mode})
         await self.nc.flush()
         await self.pool.start()
-        self.sock = self._ctx.dealer(self.settings.bus_endpoint())
+        self.sock = self._ctx.dealer(self.settings.bus_endpoint(), self.identity)
         self._hello()
         for loop in (self._unit_loop(), self._heartbeat_loop(), self._alive_loop()):
             self.spawn(loop)
@@ -268,7 +270,7 @@ class FleetBridge:
     def _hello(self) -> None:
         assert self.sock is not None
         self.sock.send(bus.Hello(role="unit", name=FLEET_UNIT, names=[FLEET_UNIT], actions=[], version=VERSION,
-                                 features=["fleet", f"board:{self.board}"]))
+                                 features=["fleet", f"board:{self.board}"], key=self.key))
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -297,7 +297,15 @@ class Session:
         self.send({"type": "raw", "text": data.decode("utf-8", "replace")})
 
     # bus view ----------------------------------------------------------------------------------
+    def _loads(self) -> list[dict]:
+        """Models this gateway is loading (converting first, the first time), with what the unit last reported."""
+        return [{"mode": s.mode, "unit": s.unit, "stage": "loading", "percent": 0, **s.progress}
+                for s in list(self.gw.served.values()) if s.state == "loading"]
+
     async def bus(self, message: dict) -> None:
+        if message.get("only") == "loads":  # polled often while a load runs: no sys calls (hwinfo takes 1 s)
+            self.send({"type": "loads", "loads": self._loads()})
+            return
         timeout = float(self.settings["timeouts.control_s"])
 
         async def sys_call(action: str) -> Any:
@@ -318,11 +326,8 @@ class Session:
         units += [{"state": "running", **record} for record in by_name.values()]
         models = [model_entry(m) for m in lsmode if isinstance(m, dict) and "mode" in m] \
             if isinstance(lsmode, list) else []
-        # Models this gateway is loading (converting first, the first time), with what the unit last reported.
-        loads = [{"mode": s.mode, "unit": s.unit, "stage": "loading", "percent": 0, **s.progress}
-                 for s in list(self.gw.served.values()) if s.state == "loading"]
         self.send({"type": "bus", "units": units, "tasks": tasks, "links": links(tasks), "hwinfo": hwinfo,
-                   "models": models, "loads": loads,
+                   "models": models, "loads": self._loads(),
                    "error": running.get("error") if isinstance(running, dict) else None})
 
     # voice -------------------------------------------------------------------------------------

@@ -436,18 +436,28 @@ handlers.bus = (message) => {
   });
   rows("#tasks", message.tasks, (t) => [t.work_id, t.model || "", (t.inputs || []).join(", "), t.state || ""]);
   rows("#models", message.models, (m) => [m.mode, m.type, m.license || "not stated", m.capabilities.join(", ")]);
-  $("#loads-card").hidden = !message.loads.length;
-  $("#loads").replaceChildren(...message.loads.map((l) => {
+  showLoads(message.loads);
+  drawGraph(message.tasks, message.links);
+  document.body.dataset.busUpdates = Number(document.body.dataset.busUpdates || 0) + 1;
+  scheduleBus();
+};
+// A load (a conversion) moves fast: while one runs, its progress is polled every 250 ms on its own.
+let loadsTimer = null;
+function showLoads(loads) {
+  $("#loads-card").hidden = !loads.length;
+  $("#loads").replaceChildren(...loads.map((l) => {
     const bar = el("progress", { max: 100, value: l.percent });
     bar.setAttribute("aria-label", `${l.stage} ${l.mode}`);
     const item = el("li", { textContent: `${l.mode} (${l.unit}): ${l.stage} ${l.percent} % ` }, bar);
     item.dataset.stage = l.stage;
     return item;
   }));
-  drawGraph(message.tasks, message.links);
-  document.body.dataset.busUpdates = Number(document.body.dataset.busUpdates || 0) + 1;
-  scheduleBus();
-};
+  clearTimeout(loadsTimer);
+  if (loads.length && !$("#view-bus").hidden) {
+    loadsTimer = setTimeout(() => { if (ws && ws.readyState === WebSocket.OPEN) send({ type: "bus", only: "loads" }); }, 250);
+  }
+}
+handlers.loads = (message) => showLoads(message.loads);
 
 // Tasks as boxes in columns by depth (a task is one column right of what feeds it), links as arrows.
 function drawGraph(tasks, links) {
