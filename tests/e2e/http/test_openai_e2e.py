@@ -156,8 +156,10 @@ def test_client_disconnect_stops_generation(http_stack, long_story):
 
 
 def test_cancel_extension_ends_stream_early(http_stack):
+    # The end tokens (<|endoftext|> 0, <|im_end|> 2) are banned: the answer cannot end before the cancel.
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count from one to five hundred."}],
-            "max_tokens": 600, "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": 600, "stream": True, "stream_options": {"include_usage": True},
+            "logit_bias": {"0": -100, "2": -100}}
     with httpx.stream("POST", http_stack.url("openai", "/v1/chat/completions"), json=body, timeout=60) as response:
         events = response.iter_lines()
         first = next(e for e in events if e.startswith("data: {"))
