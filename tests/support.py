@@ -115,6 +115,14 @@ class Stack:
         if not self._ready.wait(timeout):
             self.stop(check=False)
             raise RuntimeError("stack did not come up:\n" + "".join(self.output[-60:]))
+        if str(self.settings.get("uart.enabled", "")).lower() == "true":
+            # "unitbus up:" waits for TCP and the units; the bridge may open the UART a moment later, and
+            # what an MCU wrote before that is not read. Wait for the port to be open.
+            deadline = time.monotonic() + timeout
+            while not any("StackFlow UART on" in line for line in self.output):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the UART never opened:\n" + "".join(self.output[-60:]))
+                time.sleep(0.02)
         return self
 
     def _read_output(self) -> None:
