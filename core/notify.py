@@ -46,3 +46,19 @@ async def watchdog_loop() -> None:
 
 def ready(status: str) -> None:
     notify(f"READY=1\nSTATUS={status}")
+
+
+async def serve_until_stopped(status: str) -> None:
+    """READY with `status`, the watchdog, then wait for SIGTERM or SIGINT and say STOPPING: a face's
+    main loop between its start and its close."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready(status)
+    watchdog = asyncio.create_task(watchdog_loop())
+    await stop.wait()
+    notify("STOPPING=1")
+    watchdog.cancel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from core import logs, notify
 from core.client import BusClient
@@ -29,15 +28,7 @@ async def main_async(settings: Settings, uart_device: str | None) -> None:
         await uart.start()
         client.on_control = uart.on_control
         parts.append(uart)
-    notify.ready("bridge listening")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watchdog = asyncio.create_task(notify.watchdog_loop())
-    await stop.wait()
-    notify.notify("STOPPING=1")
-    watchdog.cancel()
+    await notify.serve_until_stopped("bridge listening")
     for part in parts:
         await part.close()
     await client.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from core import logs, notify
@@ -28,15 +27,7 @@ async def main_async(settings: Settings) -> int:
         log.error("could not join the fleet: %s", exc or type(exc).__name__)
         await bridge.close()
         return 1
-    notify.ready(f"board {bridge.board} in the fleet")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watchdog = asyncio.create_task(notify.watchdog_loop())
-    await stop.wait()
-    notify.notify("STOPPING=1")
-    watchdog.cancel()
+    await notify.serve_until_stopped(f"board {bridge.board} in the fleet")
     await bridge.close()
     return 0
 

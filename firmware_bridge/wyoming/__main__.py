@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from core import logs, notify
 from core.settings import Settings, load_for_process
@@ -15,16 +14,8 @@ log = logging.getLogger(__name__)
 
 async def main_async(settings: Settings) -> None:
     server = await WyomingServer(settings).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    watchdog = asyncio.create_task(notify.watchdog_loop())
     log.info("wyoming listening on tcp://%s:%d", server.bind, server.port)
-    notify.ready("wyoming listening")
-    await stop.wait()
-    notify.notify("STOPPING=1")
-    watchdog.cancel()
+    await notify.serve_until_stopped("wyoming listening")
     await server.close()
 
 
