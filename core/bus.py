@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field, fields
 from collections.abc import Awaitable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import msgpack
 import zmq
@@ -26,9 +26,25 @@ PROBE_GRACE_S = 0.3
 # How long a closing process may wait for its goodbye (Gone) to reach sys.
 GOODBYE_LINGER_S = 0.5
 
-# Lists, not tuples: that is what msgpack gives back.
-Route = list[Any]  # [client identity (bytes), tag (int), conn (int)]
-Owner = list[Any]  # [client identity (bytes), conn (int)]
+
+
+class Route(NamedTuple):
+    """Who asked: a request's client, its tag for that request, and the client's connection.
+
+    On the wire it is a msgpack array; the messages that carry one turn it back into this record."""
+    client: bytes
+    tag: int
+    conn: int
+
+    @property
+    def owner(self) -> "Owner":
+        return Owner(self.client, self.conn)
+
+
+class Owner(NamedTuple):
+    """A task's owner: the client connection its chain outputs and errors go to."""
+    client: bytes
+    conn: int
 
 
 class Message:
@@ -108,6 +124,10 @@ class Req(Message):
     ctx: dict[str, Any] | None = None
     binary: bytes | None = None
 
+    def __post_init__(self) -> None:
+        if self.route is not None:
+            self.route = Route(*self.route)  # a malformed route is a TypeError: BadMessage on decode
+
 
 @dataclass
 class Msg(Message):
@@ -127,6 +147,12 @@ class Msg(Message):
     tag: int | None = None
     conn: int | None = None
     binary: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.route is not None:
+            self.route = Route(*self.route)
+        if self.owner is not None:
+            self.owner = Owner(*self.owner)
 
 
 @dataclass

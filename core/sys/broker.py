@@ -343,7 +343,7 @@ class Broker:
                                       assigned=assigned)
         ctx = {"tasks": self.task_snapshot()} if request.action in ("setup", "link") else None
         self.send_to_unit(record, bus.Req(tag=origin.tag, conn=origin.conn, request=request.to_dict(),
-                                          route=[origin.client, origin.tag, origin.conn], assigned=assigned,
+                                          route=bus.Route(origin.client, origin.tag, origin.conn), assigned=assigned,
                                           ctx=ctx, binary=binary))
 
     def task_snapshot(self) -> dict[str, dict[str, Any]]:
@@ -352,7 +352,7 @@ class Broker:
     # from units --------------------------------------------------------------------------------
     def _unit_message(self, unit: UnitRecord, message: bus.Msg) -> None:
         if message.route is not None:
-            key = (message.route[0], message.route[1])
+            key = (message.route.client, message.route.tag)
             entry = self.inflight.get(key)
             if entry is not None and entry.unit is unit:
                 if message.final:
@@ -397,7 +397,7 @@ class Broker:
             # Its setup was answered with a timeout; nobody knows this task: have the unit drop it.
             self.abandoned.discard(event.work_id)
             exit_request = Request("0", event.work_id, "exit")
-            self.send_to_unit(unit, bus.Req(tag=0, conn=0, request=exit_request.to_dict(), route=[b"", 0, 0]))
+            self.send_to_unit(unit, bus.Req(tag=0, conn=0, request=exit_request.to_dict(), route=bus.Route(b"", 0, 0)))
             return
         if event.op == "up":
             parsed = WorkId.parse(event.work_id)

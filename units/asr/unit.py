@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,15 @@ def stackflow_text(text: str) -> str:
     return text + "." if text else ""
 
 
-class AsrUnit(Unit):
+@dataclass
+class AsrState:
+    engine: AsrEngine
+    endpointer: Endpointer
+    awake: bool = False  # only matters while a kws task is linked
+    listen_at: float = 0.0  # a wake's awake_delay: the microphone is heard from then on
+
+
+class AsrUnit(Unit[AsrState]):
     name = UNIT.name
     names = UNIT.names
     trim_when_idle = True
@@ -57,20 +66,17 @@ class AsrUnit(Unit):
     max_queue_default = 8
     needs_text = False
 
-    async def _setup(self, request, message, route) -> None:
-        name = (message.assigned or request.work_id).split(".")[0]
-        if name == "whisper" and isinstance(request.data, dict):
-            request.data = {**WHISPER_DEFAULTS, **request.data}
-        await super()._setup(request, message, route)
+    def setup_data(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {**WHISPER_DEFAULTS, **data} if name == "whisper" else data
 
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[AsrState]) -> AsrState:
         params = task.params
         language = str(params.get("language") or "en").lower()
         if language not in ("en", "english"):
             raise UnitError(ErrorCode.MODEL_LOADING, f"{task.manifest.mode} is English-only (language {language})")
         if params["awake_delay"] < 0 or params["silence_timeout"] < 0:
             raise UnitError(ErrorCode.JSON_FORMAT, "awake_delay and silence_timeout must not be negative")
-        progress = task.state.get("progress")
+        progress = task.progress
         if progress:
             progress(0)
         try:
@@ -79,43 +85,40 @@ class AsrUnit(Unit):
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
         if progress:
             progress(100)
-        task.state["engine"] = engine
-        task.state["endpointer"] = Endpointer(EndpointConfig.from_params(params))
-        task.state["awake"] = False  # only matters while a kws task is linked
-        task.state["listen_at"] = 0.0
+        return AsrState(engine, Endpointer(EndpointConfig.from_params(params)))
 
     @staticmethod
-    def _gated(task: Task) -> bool:
+    def _gated(task: Task[AsrState]) -> bool:
         return "kws" in task.upstream.values()
 
-    def _sleep(self, task: Task) -> None:
-        task.state["awake"] = False
-        task.state["endpointer"].reset()
+    def _sleep(self, task: Task[AsrState]) -> None:
+        task.state.awake = False
+        task.state.endpointer.reset()
 
     # microphone and links (event loop: only cheap bookkeeping here) ----------------------------
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[AsrState], source: str, response: dict | None, binary: bytes | None) -> bool:
         kind = task.upstream.get(source)
         if kind == "kws":
-            task.state["awake"] = True
-            task.state["listen_at"] = time.monotonic() + task.params["awake_delay"] / 1000
-            task.state["endpointer"].reset()
+            task.state.awake = True
+            task.state.listen_at = time.monotonic() + task.params["awake_delay"] / 1000
+            task.state.endpointer.reset()
             return True
         if kind == "vad":
             if (response or {}).get("data") is False:
-                self._endpoint(task, task.state["endpointer"].flush())
+                self._endpoint(task, task.state.endpointer.flush())
             return True
         if source != PCM_SOURCE:
             return False
         if task.paused or not binary or len(binary) % 2:
             return True
         gated = self._gated(task)
-        if gated and not task.state["awake"]:
+        if gated and not task.state.awake:
             return True
-        if time.monotonic() < task.state["listen_at"]:
+        if time.monotonic() < task.state.listen_at:
             return True
         if frame_playing(response) and self.settings["audio.mute_capture_while_playing"]:
             return True  # the board's own voice
-        endpointer: Endpointer = task.state["endpointer"]
+        endpointer = task.state.endpointer
         self._endpoint(task, endpointer.push(audio.pcm_from_bytes(binary)))
         timeout = task.params["silence_timeout"]
         if gated and timeout and not endpointer.has_speech and endpointer.trailing_silence * 1000 >= timeout:
@@ -123,7 +126,7 @@ class AsrUnit(Unit):
             self._sleep(task)
         return True
 
-    def _endpoint(self, task: Task, endpoint) -> None:
+    def _endpoint(self, task: Task[AsrState], endpoint) -> None:
         if endpoint is None:
             return
         if self._gated(task):
@@ -132,25 +135,24 @@ class AsrUnit(Unit):
             log.debug("%s: utterance of %.2f s (rule %d)", task.work_id, endpoint.pcm.size / audio.RATE, endpoint.rule)
             self.enqueue(task, self.chain_job(task, PCM_SOURCE, endpoint.pcm, object="utterance"))
 
-    def on_chain(self, job: Job) -> None:
-        text = job.task.state["engine"].transcribe(job.payload)
+    def on_chain(self, job: Job[AsrState]) -> None:
+        text = job.task.state.engine.transcribe(job.payload)
         if text.strip():
             self._deliver(job, text)
 
-    def on_pause(self, task: Task) -> None:
-        task.state["endpointer"].reset()
-        for queued in [j for j in task.queue if j.route is None]:
-            task.queue.remove(queued)
+    def on_pause(self, task: Task[AsrState]) -> None:
+        task.state.endpointer.reset()
+        task.drop_chain_jobs()
 
-    def on_work(self, task: Task) -> None:
-        task.state["endpointer"].reset()
+    def on_work(self, task: Task[AsrState]) -> None:
+        task.state.endpointer.reset()
 
     # client audio ------------------------------------------------------------------------------
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[AsrState]) -> None:
         pcm = job.pcm()
         if not pcm.size:
             raise UnitError(ErrorCode.EMPTY_DATA)
-        engine: AsrEngine = job.task.state["engine"]
+        engine = job.task.state.engine
         texts = []
         for piece in self._pieces(job.task, pcm):
             if job.cancelled:
@@ -159,7 +161,7 @@ class AsrUnit(Unit):
         self._deliver(job, " ".join(t.strip() for t in texts if t.strip()))
 
     @staticmethod
-    def _pieces(task: Task, pcm: np.ndarray) -> list[np.ndarray]:
+    def _pieces(task: Task[AsrState], pcm: np.ndarray) -> list[np.ndarray]:
         """A clip Whisper can read at once, or its utterances when it is longer than 30 s."""
         if pcm.size <= MAX_CLIP_S * audio.RATE:
             return [pcm]
@@ -176,7 +178,7 @@ class AsrUnit(Unit):
         return pieces
 
     # output ------------------------------------------------------------------------------------
-    def _deliver(self, job: Job, text: str) -> None:
+    def _deliver(self, job: Job[AsrState], text: str) -> None:
         if self.settings["asr.stream_style"] == "stackflow":
             text = stackflow_text(text)
         if job.task.stream_output:

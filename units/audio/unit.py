@@ -32,13 +32,14 @@ ARDUINO_KEYS = {"capcard": ("cap", "card"), "capdevice": ("cap", "device"), "cap
 STACKFLOW_KEYS = ("card", "device", "volume", "rate", "channel")
 
 
-class AudioUnit(Unit):
+class AudioUnit(Unit[None]):
     name = UNIT.name
     names = UNIT.names
     extra_actions = ("play", "capture")
     no_task_actions = ("inference", "link", "unlink", "pause", "work", "exit")
     features = (PCM_SOURCE, f"sink:{PLAY_SOURCE}")
     needs_text = False
+    tasks_per_setup = False  # a setup chooses the devices (spec §16.7)
 
     def __init__(self, settings):
         super().__init__(settings)
@@ -60,11 +61,6 @@ class AudioUnit(Unit):
         finally:
             self.capture.stop()
             self.player.close()
-
-    def send(self, message: bus.Message) -> None:
-        # The capture thread's last frames can reach the loop after the socket closed at shutdown.
-        if self.sock is not None and not self.sock.closed:
-            super().send(message)
 
     # capture -----------------------------------------------------------------------------------
     def on_control(self, message: bus.Control) -> None:
@@ -98,7 +94,7 @@ class AudioUnit(Unit):
                 log.warning("sys.play audio dropped: %s", exc.message)
 
     # actions -----------------------------------------------------------------------------------
-    async def _setup(self, request: Request, message: bus.Req, route: list) -> None:
+    async def on_setup(self, request: Request, route: bus.Route) -> Response:
         data = request.data if isinstance(request.data, dict) else None
         if data is None:
             raise UnitError(ErrorCode.UNSUPPORTED_LINK, message=PARAMETER_FORMAT + ": setup data must be an object")
@@ -112,7 +108,7 @@ class AudioUnit(Unit):
         for side, key, value in changes:
             self.devices[side][key] = self._checked(key, value)
         self._apply_devices()
-        self._reply(route, Response(request.request_id, "audio"))
+        return Response(request.request_id, "audio")
 
     @staticmethod
     def _checked(key: str, value: Any) -> Any:
@@ -141,7 +137,7 @@ class AudioUnit(Unit):
         if play["card"] is not None:
             self.player.device = f"plughw:{play['card']},{play['device'] or 0}"
 
-    async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
+    async def on_action(self, task: Task[None] | None, request: Request, route: bus.Route, binary: bytes | None) -> Response | None:
         pcm = self._audio_of(request, route, binary)
         if pcm is None:
             return None  # the middle of a chunked stream
@@ -155,7 +151,7 @@ class AudioUnit(Unit):
         return Response(request.request_id, "audio", data={"queued_s": round(ahead, 3),
                                                            "listeners": self.listeners})
 
-    def _audio_of(self, request: Request, route: list, binary: bytes | None):
+    def _audio_of(self, request: Request, route: bus.Route, binary: bytes | None):
         """16 kHz int16 samples of a play/capture request (base64 WAV or PCM, chunked, or a RAW frame)."""
         kind = ObjectType.parse(request.object)
         if binary is not None:
@@ -163,8 +159,7 @@ class AudioUnit(Unit):
         else:
             payload = request.data
             if kind.stream:
-                conn = (route[0], route[2]) if route else (None, None)
-                payload = self.streams.feed(conn, request.action, request.data)
+                payload = self.streams.feed((route.client, route.conn), request.action, request.data)
                 if payload is None:
                     return None
             if not isinstance(payload, str) or not payload:

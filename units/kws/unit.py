@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
+from core import bus
 from core.envelope import Request, Response
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType
@@ -23,7 +25,16 @@ log = logging.getLogger(__name__)
 PLAY_SOURCE = "sys.play"
 
 
-class KwsUnit(Unit):
+@dataclass
+class KwsState:
+    model: KwsModel
+    detector: Any  # the microphone's detector; only the task's worker touches it
+    wake_pcm: bytes | None  # played under sys.play at each wake (enwake_audio)
+    feed: PcmFeed = field(default_factory=PcmFeed)
+    reset: bool = False  # the worker resets the detector before its next frames
+
+
+class KwsUnit(Unit[KwsState]):
     name = UNIT.name
     names = UNIT.names
     extra_actions = ("trigger",)
@@ -43,7 +54,7 @@ class KwsUnit(Unit):
     max_queue_default = 8
     needs_text = False
 
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[KwsState]) -> KwsState:
         params = task.params
         key = ("kws", task.manifest.mode, json.dumps(params.get("keyword_models")), str(params.get("keyword_dir")))
         try:
@@ -57,15 +68,14 @@ class KwsUnit(Unit):
         if note and params["kws_strict"]:
             raise UnitError(ErrorCode.MODEL_LOADING, note)
         try:
-            task.state["detector"] = model.detector(names, params["threshold"], params["refractory_ms"])
+            detector = model.detector(names, params["threshold"], params["refractory_ms"])
         except ValueError as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
-        task.state["model"] = model
-        task.state["setup_note"] = note or ""
-        task.state["feed"] = PcmFeed()
-        task.state["wake_pcm"] = self._wake_sound(params) if params["enwake_audio"] else None
+        task.setup_note = note or ""
+        wake_pcm = self._wake_sound(params) if params["enwake_audio"] else None
         if note:
             log.info("%s: %s", task.work_id, note)
+        return KwsState(model, detector, wake_pcm)
 
     @staticmethod
     def _wake_sound(params: dict[str, Any]) -> bytes | None:
@@ -81,42 +91,42 @@ class KwsUnit(Unit):
             raise UnitError(ErrorCode.MODEL_LOADING, f"wake_wav_file {path}: {exc}") from None
 
     # microphone --------------------------------------------------------------------------------
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[KwsState], source: str, response: dict | None, binary: bytes | None) -> bool:
         if source != PCM_SOURCE:
             return False
         # kws keeps listening while the board speaks: that is what makes voice barge-in work.
         if task.paused or not binary:
             return True
-        if task.state["feed"].add(binary):
+        if task.state.feed.add(binary):
             self.enqueue(task, self.chain_job(task, source, None, object="sys.pcm"))
         return True
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[KwsState]) -> None:
         task = job.task
-        if task.state.pop("reset", False):
-            task.state["detector"].reset()  # here, in the worker: the detector is not thread-safe
-        pcm = task.state["feed"].take()
+        if task.state.reset:
+            task.state.reset = False
+            task.state.detector.reset()  # here, in the worker: the detector is not thread-safe
+        pcm = task.state.feed.take()
         if pcm.size and not task.paused:
-            for detection in task.state["detector"].feed(pcm):
+            for detection in task.state.detector.feed(pcm):
                 self._wake(job, detection)
 
-    def on_pause(self, task: Task) -> None:
-        task.state["feed"].clear()
+    def on_pause(self, task: Task[KwsState]) -> None:
+        task.state.feed.clear()
 
-    def on_work(self, task: Task) -> None:
+    def on_work(self, task: Task[KwsState]) -> None:
         # A fresh start: audio from before the pause must not complete a wake word now.
-        task.state["feed"].clear()
-        task.state["reset"] = True
+        task.state.feed.clear()
+        task.state.reset = True
 
     # client audio ------------------------------------------------------------------------------
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[KwsState]) -> None:
         task = job.task
         pcm = job.pcm()
         if not pcm.size:
             raise UnitError(ErrorCode.EMPTY_DATA)
         # A clip is judged on its own, with a detector of its own: it must not disturb the microphone's.
-        model: KwsModel = task.state["model"]
-        detector = model.detector(task.state["detector"].keywords, task.params["threshold"],
+        detector = task.state.model.detector(task.state.detector.keywords, task.params["threshold"],
                                   task.params["refractory_ms"])
         for detection in [*detector.feed(pcm), *detector.flush()]:
             if job.cancelled:
@@ -124,22 +134,22 @@ class KwsUnit(Unit):
             self._wake(job, detection)
 
     # wakes -------------------------------------------------------------------------------------
-    def _wake(self, job: Job, detection: Detection) -> None:
+    def _wake(self, job: Job[KwsState], detection: Detection) -> None:
         task = job.task
         if "json" in ObjectType.parse(task.response_format).flags:
             job.emit(json.dumps({"keyword": detection.keyword, "score": round(detection.score, 3),
                                  "timestamp_ms": detection.timestamp_ms}))
         else:
             job.emit(True)
-        wake_pcm = task.state.get("wake_pcm")
+        wake_pcm = task.state.wake_pcm
         if wake_pcm:
             self.publish(PLAY_SOURCE, binary=wake_pcm)
 
-    async def on_action(self, task: Task | None, request: Request, route: list, binary: bytes | None) -> Response | None:
+    async def on_action(self, task: Task[KwsState] | None, request: Request, route: bus.Route, binary: bytes | None) -> Response | None:
         if task is None:
             raise UnitError(ErrorCode.UNIT_NOT_EXIST)
         job = Job(self, task, request.request_id, "kws.trigger", None)
-        keyword = task.state["detector"].keywords[0]
+        keyword = task.state.detector.keywords[0]
         # After the reply (spec §8.7 shows the reply first, then the kws.bool output).
         self.loop.call_soon(self._wake, job, Detection(keyword, 1.0, 0))  # type: ignore[union-attr]
         return Response(request.request_id, task.work_id)

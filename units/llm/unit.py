@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ErrorCode, UnitError
@@ -25,7 +26,13 @@ UNSUPPORTED_KEYS = ("images",)
 GRAMMAR_KEYS = ("format", "grammar")
 
 
-class LlmUnit(Unit):
+@dataclass
+class LlmState:
+    engine: LlmEngine
+    history: list[dict[str, Any]] = field(default_factory=list)  # the conversation kept by keep_context
+
+
+class LlmUnit(Unit[LlmState]):
     name = UNIT.name
     names = UNIT.names
     defaults: dict[str, Any] = {
@@ -52,14 +59,14 @@ class LlmUnit(Unit):
     input_sources = frozenset({"llm"})
 
     # setup -------------------------------------------------------------------------------------
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[LlmState]) -> LlmState:
         params = task.params
         if params["context_overflow"] not in ("error", "reset"):
             raise UnitError(ErrorCode.JSON_FORMAT, "context_overflow must be \"error\" or \"reset\"")
         if params["max_token_len"] < 1:
             raise UnitError(ErrorCode.JSON_FORMAT, "max_token_len must be at least 1")
         self._sampling(params, {})  # a setup's sampling values fail here, not at every inference
-        progress = task.state.get("progress")
+        progress = task.progress
         if progress:
             progress(0)
         key = ("llm", task.manifest.mode, str(params.get("gguf") or params.get("model_dir")))
@@ -71,14 +78,13 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
         if progress:
             progress(100)
-        task.state["engine"] = engine
-        task.state["history"] = []
+        return LlmState(engine)
 
-    def describe(self, task: Task) -> dict[str, Any]:
-        return {**task.info(), "context_messages": len(task.state.get("history", []))}
+    def describe(self, task: Task[LlmState]) -> dict[str, Any]:
+        return {**task.info(), "context_messages": len(task.state.history)}
 
     # inputs ------------------------------------------------------------------------------------
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[LlmState]) -> None:
         kind = job.type
         if kind.namespace == "llm" and kind.has("chat_completion"):
             request = job.payload
@@ -101,18 +107,16 @@ class LlmUnit(Unit):
                 raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
             self._user_text(job, job.payload)
 
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[LlmState], source: str, response: dict | None, binary: bytes | None) -> bool:
         if task.upstream.get(source) != "kws":
             return False
         # Barge-in (spec §12.3): stop the running generation, drop prompts queued from asr; client
         # inferences stay queued.
-        for queued in [j for j in task.queue if j.route is None]:
-            task.queue.remove(queued)
-        if task.current is not None:
-            task.current.cancel.set()
+        task.drop_chain_jobs()
+        task.cancel_current()
         return True
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[LlmState]) -> None:
         data = (job.payload or {}).get("data") if isinstance(job.payload, dict) else None
         if isinstance(data, dict):
             if not data.get("finish"):
@@ -122,16 +126,16 @@ class LlmUnit(Unit):
             self._user_text(job, data)
 
     # generation --------------------------------------------------------------------------------
-    def _user_text(self, job: Job, text: str) -> None:
+    def _user_text(self, job: Job[LlmState], text: str) -> None:
         task = job.task
         if task.params["keep_context"] and text.strip().lower() == RESET_WORD:
-            task.state["history"] = []
+            task.state.history = []
             self._deliver_whole(job, RESET_ANSWER)
             return
-        messages = [*task.state["history"], {"role": "user", "content": text}]
+        messages = [*task.state.history, {"role": "user", "content": text}]
         self._generate(job, messages, None, {}, extension=False)
 
-    def _chat_completion(self, job: Job, request: dict[str, Any]) -> None:
+    def _chat_completion(self, job: Job[LlmState], request: dict[str, Any]) -> None:
         task = job.task
         for key in UNSUPPORTED_KEYS:
             if request.get(key):
@@ -153,7 +157,7 @@ class LlmUnit(Unit):
                        tools=self._tools(task, request))
 
     @staticmethod
-    def _tools(task: Task, request: dict[str, Any]):
+    def _tools(task: Task[LlmState], request: dict[str, Any]):
         """The request's tool offer (None: no tools, or tool_choice "none")."""
         if not request.get("tools"):
             return None
@@ -167,7 +171,7 @@ class LlmUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
 
     @staticmethod
-    def _constraint(task: Task, engine: LlmEngine, request: dict[str, Any], tools: ToolRequest | None = None):
+    def _constraint(task: Task[LlmState], engine: LlmEngine, request: dict[str, Any], tools: ToolRequest | None = None):
         """The grammar constraint a request asks for (None: unconstrained)."""
         if tools is not None:
             from llguidance import LLMatcher
@@ -191,10 +195,10 @@ class LlmUnit(Unit):
         except ValueError as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
 
-    def _generate(self, job: Job, messages: list[dict], raw_prompt: str | None, request: dict[str, Any],
+    def _generate(self, job: Job[LlmState], messages: list[dict], raw_prompt: str | None, request: dict[str, Any],
                   extension: bool, context: list[int] | None = None, tools: ToolRequest | None = None) -> None:
         task = job.task
-        engine: LlmEngine = task.state["engine"]
+        engine = task.state.engine
         params = task.params
         max_new = request.get("max_tokens") or params["max_token_len"]
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
@@ -221,8 +225,8 @@ class LlmUnit(Unit):
             if len(ids) < window:
                 max_new = min(max_new, window - len(ids))
         if len(ids) + max_new > window:
-            if params["keep_context"] and params["context_overflow"] == "reset" and task.state["history"]:
-                task.state["history"] = []
+            if params["keep_context"] and params["context_overflow"] == "reset" and task.state.history:
+                task.state.history = []
                 finish_note = "context_reset"
                 ids = engine.encode(engine.chat_prompt(messages[-1:], params["prompt"] or None,
                                                        tools=tools.tools if tools else ()))
@@ -264,7 +268,7 @@ class LlmUnit(Unit):
                 extras["tokens"] = ids + generation.tokens
         if not extension and params["keep_context"] and generation.finish_reason != "cancelled":
             # Before the final message: a client that asks right after it must see the new turn.
-            task.state["history"] = [*messages, {"role": "assistant", "content": text}]
+            task.state.history = [*messages, {"role": "assistant", "content": text}]
         if streaming:
             job.stream("", True, **extras)
         elif extension:
@@ -299,7 +303,7 @@ class LlmUnit(Unit):
         except (TypeError, ValueError) as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
 
-    def _deliver_whole(self, job: Job, text: str) -> None:
+    def _deliver_whole(self, job: Job[LlmState], text: str) -> None:
         if job.task.stream_output:
             job.stream(text)
             job.stream("", True)
@@ -307,13 +311,13 @@ class LlmUnit(Unit):
             job.emit(text)
 
     # scoring and embeddings --------------------------------------------------------------------
-    def _score(self, job: Job) -> None:
+    def _score(self, job: Job[LlmState]) -> None:
         request = job.payload
         if not isinstance(request, dict) or not isinstance(request.get("input", ""), str) \
                 or not isinstance(request.get("choices"), list) or not request["choices"] \
                 or not all(isinstance(c, str) for c in request["choices"]):
             raise UnitError(ErrorCode.JSON_FORMAT, "llm.score: {\"input\": text, \"choices\": [text, ...]}")
-        engine: LlmEngine = job.task.state["engine"]
+        engine = job.task.state.engine
         results = []
         for index, choice in enumerate(request["choices"]):
             if job.cancelled:
@@ -324,7 +328,7 @@ class LlmUnit(Unit):
                 raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
         job.emit(results, object="llm.score")
 
-    def _embed(self, job: Job) -> None:
+    def _embed(self, job: Job[LlmState]) -> None:
         request = job.payload
         texts = request.get("input") if isinstance(request, dict) else None
         if isinstance(texts, str):
@@ -333,7 +337,7 @@ class LlmUnit(Unit):
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) \
                 or not isinstance(layer, int) or isinstance(layer, bool):
             raise UnitError(ErrorCode.JSON_FORMAT, "llm.embed: {\"input\": text or [text, ...], \"layer\": int}")
-        engine: LlmEngine = job.task.state["engine"]
+        engine = job.task.state.engine
         vectors = []
         for text in texts:
             if job.cancelled:

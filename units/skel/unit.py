@@ -15,7 +15,7 @@ from units.skel import UNIT
 from units.skel.engine import MODES, pieces, transform
 
 
-class SkelUnit(Unit):
+class SkelUnit(Unit[None]):
     name = UNIT.name
     names = UNIT.names
     defaults: dict[str, Any] = {"mode": "upper", "delay_ms": 0, "load_ms": 0}
@@ -24,26 +24,26 @@ class SkelUnit(Unit):
     link_kinds = frozenset({"skel"})
     input_sources = frozenset({"skel"})
 
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[None]) -> None:
         if task.params["mode"] not in MODES:
             raise UnitError(ErrorCode.MODEL_LOADING, f"mode must be one of {', '.join(MODES)}")
         if task.params["delay_ms"] < 0 or task.params["load_ms"] < 0:
             raise UnitError(ErrorCode.JSON_FORMAT, "delay_ms and load_ms must not be negative")
         time.sleep(task.params["load_ms"] / 1000)
 
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[None]) -> None:
         if not isinstance(job.payload, str):
             raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
         self._transform(job, job.payload)
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[None]) -> None:
         # A linked skel task's final output (or each chunk's delta) becomes this task's input.
         data = (job.payload or {}).get("data")
         text = data.get("delta") if isinstance(data, dict) else data
         if isinstance(text, str) and text:
             self._transform(job, text)
 
-    def _transform(self, job: Job, text: str) -> None:
+    def _transform(self, job: Job[None], text: str) -> None:
         task = job.task
         result = transform(text, task.params["mode"])
         if not task.stream_output:

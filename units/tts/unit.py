@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from core import audio, bus
+from core.envelope import Request
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType
 from core.unit import Job, Task, Unit
@@ -34,7 +36,21 @@ OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "
                            "shimmer", "verse"})
 
 
-class TtsUnit(Unit):
+StreamKey = tuple[Any, ...]  # (connection, request_id) of a client's stream, ("chain", source, request_id) of a link's
+
+
+@dataclass
+class TtsState:
+    voice: TtsVoice
+    speed: float
+    play: bool  # response_format sys.*: audio goes to the audio unit's player
+    splitters: dict[StreamKey, SentenceSplitter] = field(default_factory=dict)  # streams being split into sentences
+    out_index: dict[StreamKey, int] = field(default_factory=dict)  # output chunk index of a stream across batches
+    chain_streams: set[StreamKey] = field(default_factory=set)  # llm answers with a batch queued (so a stream to end)
+    deaf_until: float = 0.0  # after a barge-in, the tail of the interrupted answer is not spoken
+
+
+class TtsUnit(Unit[TtsState]):
     name = UNIT.name
     names = UNIT.names
     trim_when_idle = True
@@ -54,7 +70,7 @@ class TtsUnit(Unit):
     max_queue_default = 8
     reassemble_streams = False  # stream chunks are spoken as their sentences complete (spec §10.5)
 
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[TtsState]) -> TtsState:
         params = task.params
         speed = params["spacker_speed"] if params["spacker_speed"] != 1.0 else params["speed"]
         if not MIN_SPEED <= speed <= MAX_SPEED:
@@ -71,14 +87,11 @@ class TtsUnit(Unit):
         if voice_params.get("voice") != task.manifest.params.get("voice") and voice.backend != "piper":
             # A voice file the client named must be that voice, never the espeak-ng fallback.
             raise UnitError(ErrorCode.MODEL_LOADING, f"voice {voice_params['voice']} cannot be loaded")
-        if note:
-            task.state["setup_note"] = note
-        task.state.update(voice=voice, speed=float(speed), splitters={}, out_index={}, chain_streams=set(),
-                          deaf_until=0.0,
-                          play=task.response_format.split(".")[0] == "sys")
+        task.setup_note = note
+        return TtsState(voice, float(speed), play=task.response_format.split(".")[0] == "sys")
 
     @staticmethod
-    def _voice_params(task: Task) -> tuple[dict[str, Any], str]:
+    def _voice_params(task: Task[TtsState]) -> tuple[dict[str, Any], str]:
         """The parameters the voice loads with, and a note when a setup `voice` named no voice file.
 
         A setup `voice` replaces the manifest's only when it is a file reference (pkg://, a path to an
@@ -97,40 +110,27 @@ class TtsUnit(Unit):
         return params, f"voice {asked} ({why}): {task.manifest.mode} speaks with its default voice"
 
     # client text -------------------------------------------------------------------------------
-    def _inference(self, request, message: bus.Req, route: list) -> None:
-        if not ObjectType.parse(request.object).stream or message.binary is not None:
-            super()._inference(request, message, route)
-            return
-        task = self.tasks.get(request.work_id)
-        if task is None:
-            raise UnitError(ErrorCode.INFERENCE_PUSH)
-        task.last_request_id = request.request_id
-        self._take_ownership(task, route)
+    def on_stream_chunk(self, task: Task[TtsState], request: Request, route: bus.Route) -> Job[TtsState] | None:
         chunk = request.data
         if not isinstance(chunk, dict) or not isinstance(chunk.get("delta"), str):
             raise UnitError(ErrorCode.JSON_FORMAT, "a stream chunk is {\"delta\",\"index\",\"finish\"}")
-        conn_key = (route[0], route[2]) if route else None
-        key = (conn_key, request.request_id)
-        started = key in task.state["splitters"]
+        key = ((route.client, route.conn), request.request_id)
+        started = key in task.state.splitters
         sentences, finish = self._split(task, key, chunk["delta"], chunk.get("finish", True) is not False)
         if not sentences and not finish:
-            self._reply(route, None)  # nothing complete to say yet
-            return
+            return None
         job = Job(self, task, request.request_id, request.object, {"key": key, "sentences": sentences,
-                                                                   "finish": finish}, route=route, conn_key=conn_key)
-        if started:
-            task.queue.append(job)  # the rest of a stream already accepted: never refused half-way
-            task.wakeup.set()
-            return
+                                                                   "finish": finish}, route=route)
         try:
-            self.enqueue(task, job)
+            self.enqueue(task, job, continuing=started)  # the rest of an accepted stream is never refused
         except UnitError:
-            task.state["splitters"].pop(key, None)  # refused: its next chunks are refused as a new stream
+            task.state.splitters.pop(key, None)  # refused: its next chunks are refused as a new stream
             raise
+        return job
 
     @staticmethod
-    def _split(task: Task, key: tuple, delta: str, finish: bool) -> tuple[list[str], bool]:
-        splitters: dict[tuple, SentenceSplitter] = task.state["splitters"]
+    def _split(task: Task[TtsState], key: StreamKey, delta: str, finish: bool) -> tuple[list[str], bool]:
+        splitters = task.state.splitters
         splitter = splitters.setdefault(key, SentenceSplitter())
         sentences = splitter.feed(delta)
         if finish:
@@ -139,7 +139,7 @@ class TtsUnit(Unit):
                 sentences.append(rest)
         return sentences, finish
 
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[TtsState]) -> None:
         if ObjectType.parse(job.object).has("speech"):
             self._speak_request(job)
             return
@@ -154,13 +154,13 @@ class TtsUnit(Unit):
         if job.task.stream_output and job.task.enoutput and not job.cancelled:
             job.stream("", True)
 
-    def _speak_request(self, job: Job) -> None:
+    def _speak_request(self, job: Job[TtsState]) -> None:
         """tts.speech, the gateways' extension: {"input": text, "speed": number}. The speed is per request,
         so one task serves every speed without reloading the voice."""
         request = job.payload
         if not isinstance(request, dict) or not isinstance(request.get("input"), str):
             raise UnitError(ErrorCode.JSON_FORMAT, 'tts.speech: {"input": text, "speed": number}')
-        speed = request.get("speed", job.task.state["speed"])
+        speed = request.get("speed", job.task.state.speed)
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not MIN_SPEED <= speed <= MAX_SPEED:
             raise UnitError(ErrorCode.JSON_FORMAT, f"speed must be a number between {MIN_SPEED} and {MAX_SPEED}")
         self._speak(job, request["input"], float(speed))
@@ -168,14 +168,14 @@ class TtsUnit(Unit):
             job.stream("", True)
 
     # linked tasks ------------------------------------------------------------------------------
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[TtsState], source: str, response: dict | None, binary: bytes | None) -> bool:
         kind = task.upstream.get(source)
         if kind == "kws":
             self._barge_in(task)
             return True
         if kind != "llm" or response is None:
             return True
-        if time.monotonic() < task.state["deaf_until"]:
+        if time.monotonic() < task.state.deaf_until:
             return True  # the tail of an answer the wake interrupted
         data = response.get("data")
         if isinstance(data, dict):
@@ -186,7 +186,7 @@ class TtsUnit(Unit):
             return True
         key = ("chain", source, response.get("request_id"))
         sentences, finish = self._split(task, key, delta, finish)
-        started: set = task.state["chain_streams"]  # llm answers with a batch queued (so a stream to end)
+        started = task.state.chain_streams
         if sentences or (finish and key in started):
             self.enqueue(task, self.chain_job(task, source, {"key": key, "sentences": sentences, "finish": finish}))
             if finish:
@@ -195,71 +195,65 @@ class TtsUnit(Unit):
                 started.add(key)
         return True
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[TtsState]) -> None:
         self._speak_pieces(job)
 
-    def _barge_in(self, task: Task) -> None:
+    def _barge_in(self, task: Task[TtsState]) -> None:
         """Spec §12.3: drop text buffered from the llm, stop speaking, clear the play queue."""
-        task.state["deaf_until"] = time.monotonic() + task.params["awake_delay"] / 1000
-        for key in [k for k in task.state["splitters"] if k[0] == "chain"]:
-            del task.state["splitters"][key]
-        task.state["chain_streams"].clear()
-        for queued in [j for j in task.queue if j.route is None]:
-            task.queue.remove(queued)
-        if task.current is not None and task.current.route is None:
-            task.current.cancel.set()
+        task.state.deaf_until = time.monotonic() + task.params["awake_delay"] / 1000
+        for key in [k for k in task.state.splitters if k[0] == "chain"]:
+            del task.state.splitters[key]
+        task.state.chain_streams.clear()
+        task.drop_chain_jobs()
+        task.cancel_current(chain_only=True)
         self.publish(PLAY_SOURCE, data={"stop": True})
 
-    def on_pause(self, task: Task) -> None:
+    def on_pause(self, task: Task[TtsState]) -> None:
         # pause stops playback and drops queued text (spec §8.4), user requests included.
-        for queued in list(task.queue):
-            if queued.route is not None:
-                self._cancel_queued(task, queued, "pause")
-            else:
-                task.queue.remove(queued)
-        task.state["splitters"].clear()
-        task.state["out_index"].clear()
-        task.state["chain_streams"].clear()
+        self.drop_queued(task, "pause")
+        task.state.splitters.clear()
+        task.state.out_index.clear()
+        task.state.chain_streams.clear()
         self.publish(PLAY_SOURCE, data={"stop": True})
         task.paused = False  # tts keeps taking text after a pause; `work` is a no-op (spec §9)
 
-    def on_exit(self, task: Task) -> None:
-        if task.state.get("play"):
+    def on_exit(self, task: Task[TtsState]) -> None:
+        if task.state.play:
             self.publish(PLAY_SOURCE, data={"stop": True})
 
     # synthesis (worker thread) -----------------------------------------------------------------
-    def _speak_pieces(self, job: Job) -> None:
+    def _speak_pieces(self, job: Job[TtsState]) -> None:
         """One batch of complete sentences of a stream; the output index runs on across batches."""
         task, payload = job.task, job.payload
         key = payload["key"]
-        job.index = task.state["out_index"].get(key, 0)
+        job.index = task.state.out_index.get(key, 0)
         for sentence in payload["sentences"]:
             if job.cancelled:
                 break
             self._speak(job, sentence)
         if payload["finish"] or job.cancelled:
             # A cancelled stream is over: the base sends its finish:true chunk.
-            task.state["out_index"].pop(key, None)
+            task.state.out_index.pop(key, None)
             if payload["finish"] and task.stream_output and task.enoutput and not job.cancelled:
                 job.stream("", True)
         else:
-            task.state["out_index"][key] = job.index
+            task.state.out_index[key] = job.index
             job.finished = True  # more chunks follow: the base must not end this stream for us
 
-    def _speak(self, job: Job, text: str, speed: float | None = None) -> None:
+    def _speak(self, job: Job[TtsState], text: str, speed: float | None = None) -> None:
         task = job.task
-        voice: TtsVoice = task.state["voice"]
+        voice = task.state.voice
         rate = task.params["audio_rate"]
         # A stream is resampled to the client's rate as one signal, so its chunk edges stay seamless; at the
         # bus rate the samples go out as they are.
         stream = audio.Resampler(audio.RATE, rate) if task.stream_output and rate != audio.RATE else None
         sentence: list[np.ndarray] = []  # a non-stream format answers one message per sentence
         try:
-            for pcm, sentence_end in voice.iter_sentences(text, task.state["speed"] if speed is None else speed,
+            for pcm, sentence_end in voice.iter_sentences(text, task.state.speed if speed is None else speed,
                                                           audio.RATE):
                 if job.cancelled:
                     return
-                if task.state["play"] and pcm.size:
+                if task.state.play and pcm.size:
                     self.publish(PLAY_SOURCE, binary=pcm.astype("<i2").tobytes())
                 if not task.enoutput:
                     continue
@@ -282,7 +276,7 @@ class TtsUnit(Unit):
             raise UnitError(ErrorCode.MODEL_RUN, str(exc)) from None
 
     @staticmethod
-    def _return_audio(job: Job, pcm: np.ndarray) -> None:
+    def _return_audio(job: Job[TtsState], pcm: np.ndarray) -> None:
         """int16 audio at the client's rate, in base64: a stream chunk or one message (none if empty)."""
         if not pcm.size:
             return

@@ -5,6 +5,7 @@ speech segment. Protocol only: the model is units/vad/engine.py.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ErrorCode, UnitError
@@ -16,7 +17,16 @@ from units.vad.engine import WINDOW, VadModel, VadSegmenter, load_vad
 log = logging.getLogger(__name__)
 
 
-class VadUnit(Unit):
+@dataclass
+class VadState:
+    model: VadModel
+    segmenter: VadSegmenter  # the microphone's; only the task's worker touches it
+    feed: PcmFeed = field(default_factory=PcmFeed)
+    awake: bool = False  # only matters while a kws task is linked
+    reset: bool = False  # the worker resets the segmenter before its next frames
+
+
+class VadUnit(Unit[VadState]):
     name = UNIT.name
     names = UNIT.names
     defaults: dict[str, Any] = {
@@ -32,7 +42,7 @@ class VadUnit(Unit):
     max_queue_default = 8
     needs_text = False
 
-    def load(self, task: Task) -> None:
+    def load(self, task: Task[VadState]) -> VadState:
         params = task.params
         if params["silero_vad.window_size"] != WINDOW:  # checked here too: a shared model skips load_vad
             raise UnitError(ErrorCode.MODEL_LOADING, f"silero_vad.window_size must be {WINDOW} at 16 kHz")
@@ -41,13 +51,10 @@ class VadUnit(Unit):
             model: VadModel = self.shared_model(key, lambda: load_vad(params))
         except (OSError, ValueError) as exc:
             raise UnitError(ErrorCode.MODEL_LOADING, str(exc)) from None
-        task.state["model"] = model
-        task.state["segmenter"] = self._segmenter(task, model)
-        task.state["feed"] = PcmFeed()
-        task.state["awake"] = False  # only matters while a kws task is linked
+        return VadState(model, self._segmenter(task, model))
 
     @staticmethod
-    def _segmenter(task: Task, model: VadModel) -> VadSegmenter:
+    def _segmenter(task: Task[VadState], model: VadModel) -> VadSegmenter:
         params = task.params
         try:
             return model.segmenter(params["silero_vad.threshold"], params["silero_vad.min_speech_duration"],
@@ -56,58 +63,59 @@ class VadUnit(Unit):
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
 
     @staticmethod
-    def _gated(task: Task) -> bool:
+    def _gated(task: Task[VadState]) -> bool:
         return "kws" in task.upstream.values()
 
     # microphone --------------------------------------------------------------------------------
-    def chain_arrived(self, task: Task, source: str, response: dict | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[VadState], source: str, response: dict | None, binary: bytes | None) -> bool:
         if task.upstream.get(source) == "kws":
-            if not task.state["awake"]:
-                task.state["awake"] = True
-                task.state["feed"].clear()
-                task.state["reset"] = True  # the worker resets the segmenter (it owns it)
+            if not task.state.awake:
+                task.state.awake = True
+                task.state.feed.clear()
+                task.state.reset = True  # the worker resets the segmenter (it owns it)
             return True
         if source != PCM_SOURCE:
             return False
-        if task.paused or not binary or (self._gated(task) and not task.state["awake"]):
+        if task.paused or not binary or (self._gated(task) and not task.state.awake):
             return True
         if frame_playing(response) and self.settings["audio.mute_capture_while_playing"]:
             return True  # the board's own voice
-        if task.state["feed"].add(binary):
+        if task.state.feed.add(binary):
             self.enqueue(task, self.chain_job(task, source, None, object="sys.pcm"))
         return True
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[VadState]) -> None:
         task = job.task
-        segmenter: VadSegmenter = task.state["segmenter"]
-        if task.state.pop("reset", False):
+        segmenter = task.state.segmenter
+        if task.state.reset:
+            task.state.reset = False
             segmenter.reset()
-        pcm = task.state["feed"].take()
+        pcm = task.state.feed.take()
         if not pcm.size or task.paused:
             return
         for event in segmenter.feed(pcm):
             job.emit(event.speech)
             if not event.speech and self._gated(task):
-                task.state["awake"] = False  # one segment per wake
-                task.state["feed"].clear()
+                task.state.awake = False  # one segment per wake
+                task.state.feed.clear()
                 segmenter.reset()
                 return
 
-    def on_pause(self, task: Task) -> None:
-        task.state["feed"].clear()
-        task.state["reset"] = True
+    def on_pause(self, task: Task[VadState]) -> None:
+        task.state.feed.clear()
+        task.state.reset = True
 
-    def on_work(self, task: Task) -> None:
-        task.state["feed"].clear()
-        task.state["reset"] = True
+    def on_work(self, task: Task[VadState]) -> None:
+        task.state.feed.clear()
+        task.state.reset = True
 
     # client audio ------------------------------------------------------------------------------
-    def on_inference(self, job: Job) -> None:
+    def on_inference(self, job: Job[VadState]) -> None:
         pcm = job.pcm()
         if not pcm.size:
             raise UnitError(ErrorCode.EMPTY_DATA)
         # A clip is segmented on its own: it must not disturb the microphone's state.
-        segmenter = self._segmenter(job.task, job.task.state["model"])
+        segmenter = self._segmenter(job.task, job.task.state.model)
         for event in [*segmenter.feed(pcm), *segmenter.flush()]:
             if job.cancelled:
                 return

@@ -1,42 +1,39 @@
 """The Unit base: what every unit process shares (spec §8, §10.5, §12, §18).
 
-A unit author subclasses `Unit`, declares its setup keys and which inputs it takes, and implements
-`load` (once per task, in a worker thread) and `on_inference` / `on_chain` (per job, in the task's worker
-thread). The base does the bus, routing, the action table, per-task queues, streamed-input reassembly,
-base64/WAV decoding, links, ownership, cancellation and one error boundary. Nothing here touches zmq
-directly: bus sockets come from core.bus.
+A unit author subclasses `Unit[S]`, declares its setup keys and which inputs it takes, and implements
+`load` (once per task, in a worker thread, returning the task's state `S`) and `on_inference` / `on_chain`
+(per job, in the task's worker thread). The base does the bus (core/unit/session.py), routing, the action
+table, per-task queues (core/unit/task.py), streamed-input reassembly, base64/WAV decoding and links
+(core/unit/inputs.py), ownership, cancellation and one error boundary. Nothing here touches zmq directly.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
-import collections
 import logging
 import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Coroutine
+from typing import Any, Callable, ClassVar, Coroutine, Generic
 
 from core import bus, logs, notify
-from core.envelope import NONE, Request, Response, error_reply, reply, stream_data
+from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
-from core.manifest import Manifest, ManifestStore, merge_params
+from core.manifest import ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
 from core.runtime import return_memory_to_os
 from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
+from core.unit.inputs import check_link, check_source, inference_payload
+from core.unit.session import Session
+from core.unit.task import Job, S, Task
 
 log = logging.getLogger(__name__)
 
 BASE_ACTIONS = ("setup", "inference", "link", "unlink", "pause", "work", "exit", "taskinfo")
-CHAIN_QUEUE = 64  # chain inputs waiting per task; the oldest is dropped beyond this (spec §18.1)
 JOB_STOP_WAIT_S = 10.0
 
 
@@ -45,118 +42,8 @@ def restartable() -> bool:
     return bool(os.environ.get("UNITBUS_SUPERVISED") or os.environ.get("INVOCATION_ID"))
 
 
-class Job:
-    """One unit of work for a task: a client's inference or an input from a linked task.
-
-    Its methods may be called from the worker thread; they hand messages to the event loop.
-    """
-
-    def __init__(self, unit: "Unit", task: "Task", request_id: str, object: str, payload: Any,
-                 route: bus.Route | None = None, source: str | None = None, conn_key: tuple[Any, Any] | None = None):
-        self.unit = unit
-        self.task = task
-        self.request_id = request_id
-        self.object = object
-        self.payload = payload
-        self.route = route
-        self.source = source  # upstream work_id (or sys.pcm) for chain jobs
-        self.conn_key = conn_key  # (client, conn) of the sender, for cancel-on-disconnect
-        self.cancel = threading.Event()
-        self.index = 0
-        self.finished = False  # a finish:true chunk went out
-        self.done: asyncio.Future[None] | None = None
-
-    @property
-    def type(self) -> ObjectType:
-        return ObjectType.parse(self.object)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel.is_set()
-
-    def emit(self, data: Any, object: str | None = None, binary: bytes | None = None) -> None:
-        """One output: to the client that asked (or the owner, for chain jobs) when enoutput, and to linked tasks."""
-        task = self.task
-        response = Response(self.request_id, task.work_id, object or task.response_format, data)
-        to_client = task.enoutput
-        message = bus.Msg(response=response.to_dict(),
-                          route=self.route if (to_client and self.route) else None,
-                          owner=task.owner if (to_client and not self.route) else None,
-                          publish=task.work_id, binary=binary)
-        self.unit.send_threadsafe(message)
-
-    def stream(self, delta: Any, finish: bool = False, **extra: Any) -> None:
-        """One chunk of the response stream; index counts per job (spec §10.1)."""
-        if self.finished:
-            return
-        self.emit(stream_data(self.index, delta, finish, **extra))
-        self.index += 1
-        self.finished = finish
-
-    def pcm(self) -> Any:
-        """The job's audio as 16 kHz mono int16 samples (from RAW bytes, base64 PCM or WAV)."""
-        return decode_audio(self.object, self.payload)
-
-
-def decode_audio(object: str, payload: Any) -> Any:
-    from core import audio
-
-    data = payload if isinstance(payload, (bytes, bytearray)) else None
-    if data is None:
-        raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, f"{object}: audio must be base64 or raw bytes")
-    flags = ObjectType.parse(object).flags
-    if "mp3" in flags:
-        raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, "mp3")
-    try:
-        if "wav" in flags or (not {"pcm"} & flags and bytes(data[:4]) == b"RIFF"):
-            return audio.parse_wav(bytes(data))
-        return audio.pcm_from_bytes(bytes(data))
-    except audio.UnsupportedAudio as exc:
-        raise UnitError(ErrorCode.UNSUPPORTED_OBJECT, str(exc)) from None
-    except audio.BadAudio as exc:
-        raise UnitError(ErrorCode.JSON_FORMAT, f"bad audio: {exc}") from None
-
-
-@dataclass(eq=False)
-class Task:
-    """One configured instance of a unit (a work_id). Units keep their own state in `state`."""
-    work_id: str
-    name: str  # the unit name used at setup ("melotts" for melotts.1003)
-    model: str  # the model name the client asked for
-    manifest: Manifest
-    params: dict[str, Any]
-    response_format: str
-    inputs: list[str]
-    enoutput: bool
-    owner: bus.Owner | None
-    last_request_id: str
-    upstream: dict[str, str] = field(default_factory=dict)  # linked work_id -> unit kind
-    sources: set[str] = field(default_factory=set)  # first tokens of non-task entries ("llm", "sys")
-    exit_on_disconnect: bool = False
-    paused: bool = False
-    state: dict[str, Any] = field(default_factory=dict)
-    queue: collections.deque[Job] = field(default_factory=collections.deque)
-    current: Job | None = None
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    worker: asyncio.Task[None] | None = None
-    closed: bool = False
-
-    @property
-    def stream_output(self) -> bool:
-        return ObjectType.parse(self.response_format).stream
-
-    def info(self) -> dict[str, Any]:
-        return {"enoutput": self.enoutput, "inputs": list(self.inputs), "model": self.model,
-                "response_format": self.response_format,
-                "output_type": self.manifest.output_type, "state": "paused" if self.paused else "ready"}
-
-    @property
-    def user_jobs(self) -> int:
-        return sum(1 for j in self.queue if j.route is not None)
-
-
-class Unit:
-    """Subclass this. Class attributes describe the unit; methods below marked 'override' are the hooks."""
+class Unit(Session, Generic[S]):
+    """Subclass this. Class attributes describe the unit; the methods under "hooks" are what it overrides."""
 
     name: ClassVar[str] = ""
     names: ClassVar[tuple[str, ...]] = ()  # all names served (aliases such as whisper, melotts)
@@ -172,67 +59,82 @@ class Unit:
     link_kinds: ClassVar[frozenset[str]] = frozenset()  # upstream unit kinds it takes as links
     input_sources: ClassVar[frozenset[str]] = frozenset()  # first tokens of non-link input entries
     max_queue_default: ClassVar[int] = 3
+    # False: a client's stream chunks go to `on_stream_chunk` as they come (tts speaks each sentence).
     reassemble_streams: ClassVar[bool] = True
     needs_text: ClassVar[bool] = True  # inference data is text (else audio bytes)
     # Give freed memory back to the OS when a job leaves the task idle: for units whose jobs allocate
     # and free large tensors (a transcription, a sentence), not for those that run every 80 ms.
     trim_when_idle: ClassVar[bool] = False
+    # True: a setup creates a task (a work_id); False: it configures the process (`on_setup`).
+    tasks_per_setup: ClassVar[bool] = True
 
     def __init__(self, settings: Settings):
+        super().__init__(settings)
         self.settings = settings
-        self.endpoint = settings.bus_endpoint()
-        self.key = settings.bus_key()
-        self.heartbeat_s = float(settings["bus.heartbeat_s"])
-        self.liveness_s = float(settings["bus.liveness_s"])
         self.max_tasks = int(settings.get(f"{self.name}.max_tasks", 1))
         self.manifests = ManifestStore(settings)
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, Task[S]] = {}
         self.streams = StreamAssembler(int(settings["framing.max_stream_bytes"]), float(settings["timeouts.stream_idle_s"]))
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
-        self._ctx = bus.Context()
-        self.identity = bus.peer_identity(self.name)
-        self.sock: bus.DealerSocket | None = None
-        self._epoch = 0  # counts registrations with sys: a setup that outlives one is not announced
-        self._refusal: Any = None  # the last reason sys gave for refusing this unit
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._last_from_sys = time.monotonic()
         self._background: set[asyncio.Task[Any]] = set()
-        self.registered = asyncio.Event()
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
 
     # hooks (override) --------------------------------------------------------------------------
-    def load(self, task: Task) -> None:
-        """Worker thread: load or share the model for a new task; raise UnitError to refuse the setup."""
+    def load(self, task: Task[S]) -> S:
+        """Worker thread: load or share the model for a new task and return its state; raise UnitError
+        to refuse the setup. May set task.setup_note, and report through task.progress when set."""
+        return None  # type: ignore[return-value]  # a unit without per-task state is Unit[None]
 
-    def on_inference(self, job: Job) -> None:
+    def setup_data(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Event loop: a setup's data as the unit reads it under `name` (whisper's defaults under asr)."""
+        return data
+
+    async def on_setup(self, request: Request, route: bus.Route) -> Response:
+        """Event loop (tasks_per_setup False): a setup that configures the process instead of creating a
+        task (the audio unit's devices); answer it or raise UnitError."""
+        raise UnitError(ErrorCode.NO_UNIT_ACTION)
+
+    def on_stream_chunk(self, task: Task[S], request: Request, route: bus.Route) -> Job[S] | None:
+        """Event loop (reassemble_streams False): one chunk of a client's input stream. Queue a job with
+        `enqueue` and return it, or return None when there is nothing to do yet (the base answers)."""
+        raise UnitError(ErrorCode.NO_UNIT_ACTION)
+
+    def on_inference(self, job: Job[S]) -> None:
         """Worker thread: answer a client's inference (job.payload is text, or bytes for audio)."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION)
 
-    def on_chain(self, job: Job) -> None:
+    def on_chain(self, job: Job[S]) -> None:
         """Worker thread: handle an output of a linked task (job.payload is its response dict or PCM bytes)."""
 
-    def chain_arrived(self, task: Task, source: str, response: dict[str, Any] | None, binary: bytes | None) -> bool:
+    def chain_arrived(self, task: Task[S], source: str, response: dict[str, Any] | None, binary: bytes | None) -> bool:
         """Event loop: a chain input arrived. Return True when handled here (e.g. barge-in), else it is queued."""
         return False
 
-    def on_pause(self, task: Task) -> None:
+    def on_pause(self, task: Task[S]) -> None:
         """Event loop: after the running job was stopped."""
 
-    def on_work(self, task: Task) -> None:
+    def on_work(self, task: Task[S]) -> None:
         """Event loop: `work` resumes the task."""
 
-    def on_exit(self, task: Task) -> None:
+    def on_exit(self, task: Task[S]) -> None:
         """Event loop: the task is going away; release what it holds."""
 
-    def describe(self, task: Task) -> dict[str, Any]:
+    def describe(self, task: Task[S]) -> dict[str, Any]:
         """Event loop: what taskinfo and lstask show; units may add keys (clients ignore extra keys)."""
         return task.info()
 
-    async def on_action(self, task: Task | None, request: Request, route: bus.Route, binary: bytes | None) -> Response | None:
+    async def on_action(self, task: Task[S] | None, request: Request, route: bus.Route,
+                        binary: bytes | None) -> Response | None:
         """Event loop: a unit-specific action (extra_actions)."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION)
+
+    def on_control(self, message: bus.Control) -> None:
+        """Event loop: housekeeping from sys (e.g. the subscriber count of sys.pcm); override if needed."""
+
+    def on_sink(self, source: str, response: dict[str, Any] | None, binary: bytes | None) -> None:
+        """Event loop: something published under a source this unit declared as `sink:<source>`."""
 
     # helpers for units -------------------------------------------------------------------------
     def shared_model(self, key: Any, loader: Callable[[], Any]) -> Any:
@@ -242,38 +144,21 @@ class Unit:
                 self._models[key] = loader()
             return self._models[key]
 
-    def send_threadsafe(self, message: bus.Msg) -> None:
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.send, message)
-
-    def send(self, message: bus.Message) -> None:
-        if self.sock is not None:
-            self.sock.send(message)
-
-    def publish(self, source: str, binary: bytes | None = None, data: Any = None) -> None:
-        """Thread-safe: publish under a source name with no task behind it (the audio unit's sys.pcm).
-
-        sys delivers it to the tasks subscribed to `source` and to units that declared the feature
-        `sink:<source>` (how tts hands audio to the audio unit's player)."""
-        response = None if data is None else Response("0", source, source, data).to_dict()
-        self.send_threadsafe(bus.Msg(response=response, publish=source, binary=binary))
-
-    def chain_job(self, task: Task, source: str, payload: Any, object: str = NONE) -> Job:
+    def chain_job(self, task: Task[S], source: str, payload: Any, object: str = NONE) -> Job[S]:
         return Job(self, task, task.last_request_id, object, payload, route=None, source=source)
 
-    def enqueue(self, task: Task, job: Job) -> None:
-        """Queue a job for the task's worker. User jobs beyond max_queue get -32; chain jobs drop the oldest."""
-        if job.route is not None:
-            limit = int(task.params.get("max_queue", self.max_queue_default))
-            if task.user_jobs >= limit:
-                raise UnitError(ErrorCode.QUEUE_FULL, f"{task.user_jobs} requests queued on {task.work_id}")
-        else:
-            chain = [j for j in task.queue if j.route is None]
-            if len(chain) >= CHAIN_QUEUE:
-                task.queue.remove(chain[0])
-                log.warning("%s: chain input from %s dropped, the task cannot keep up", task.work_id, chain[0].source)
-        task.queue.append(job)
-        task.wakeup.set()
+    def enqueue(self, task: Task[S], job: Job[S], continuing: bool = False) -> None:
+        """Queue a job for the task's worker. User jobs beyond max_queue get -32 (unless `continuing` an
+        accepted stream); chain jobs drop the oldest."""
+        task.put(job, int(task.params.get("max_queue", self.max_queue_default)), continuing)
+
+    def drop_queued(self, task: Task[S], why: str) -> None:
+        """Empty the task's queue: clients' requests are answered -CANCELLED with `why`, chain inputs dropped."""
+        for job in list(task.queue):
+            if job.route is not None:
+                self._cancel_queued(task, job, why)
+            else:
+                task.queue.remove(job)
 
     # process -----------------------------------------------------------------------------------
     @classmethod
@@ -293,10 +178,10 @@ class Unit:
         stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
-        self._connect()
-        self._hello()
-        receiver = asyncio.create_task(self._receive_loop())
-        beat = asyncio.create_task(self._heartbeat_loop())
+        self.connect()
+        self.hello()
+        receiver = asyncio.create_task(self.receive_loop())
+        beat = asyncio.create_task(self.heartbeat_loop())
         watchdog = asyncio.create_task(notify.watchdog_loop())
         stopper = asyncio.create_task(stop.wait())
         await self.registered.wait()  # READY=1 only once sys knows us (spec §19)
@@ -308,23 +193,16 @@ class Unit:
         for t in (receiver, beat, watchdog, stopper, *self._background):
             t.cancel()
         await asyncio.gather(receiver, beat, watchdog, stopper, return_exceptions=True)
-        if self.sock is not None:
-            self.sock.send(bus.Gone())  # goodbye: sys lets the process that replaces this one register
-            self.sock.close(linger_s=bus.GOODBYE_LINGER_S)
-        self._ctx.term()
+        self.close()
 
-    def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = self._ctx.dealer(self.endpoint, self.identity)
+    def actions(self) -> list[str]:
+        return [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
 
-    def _register_again(self, why: str) -> None:
-        """sys restarted or lost us: register again with every task, so a new sys recovers them (spec §5.4).
+    def registered_again(self, why: str) -> None:
+        """Register every task again, so a new sys recovers them (spec §5.4).
 
         The requests in flight died with the old sys and their clients have answered them, so the
         unit stops their work (an answer still goes out, for a sys that only lost us for a while)."""
-        self._epoch += 1
-        self._hello()
         for task in self.tasks.values():
             self._announce(task)
         for task in self.tasks.values():
@@ -333,53 +211,13 @@ class Unit:
             if task.current is not None and task.current.route is not None:
                 task.current.cancel.set()
 
-    def _hello(self) -> None:
-        actions = [a for a in (*BASE_ACTIONS, *self.extra_actions) if a not in self.no_task_actions]
-        self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
-                            actions=actions, version=self.version, features=list(self.features), key=self.key))
-        self._last_from_sys = time.monotonic()
-
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            self.send(bus.Heartbeat())
-            if time.monotonic() - self._last_from_sys > self.liveness_s:
-                log.warning("sys silent for %.1f s: connecting and registering again", self.liveness_s)
-                self._connect()
-                self._register_again("sys stopped answering")
-
-    async def _receive_loop(self) -> None:
-        while True:
-            assert self.sock is not None
-            try:
-                message = await self.sock.recv()
-            except asyncio.CancelledError:
-                raise
-            except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
-                continue
-            except bus.BadMessage as exc:
-                log.error("undecodable bus message dropped: %s", exc)
-                continue
-            except Exception:  # a bug in receiving must not stop the loop
-                log.exception("bus receive failed")
-                continue
-            self._last_from_sys = time.monotonic()
-            refused = isinstance(message, bus.Control) and message.op == "refused"
-            if not refused and not isinstance(message, bus.Hello):
-                self.registered.set()  # sys answers a hello it accepts with a heartbeat
-                self._refusal = None
-            try:
-                await self._handle(message)
-            except Exception:
-                log.exception("error while handling %s", type(message).__name__)
-
-    async def _handle(self, message: bus.Message) -> None:
+    async def dispatch(self, message: bus.Message) -> None:
         if isinstance(message, bus.Req):
             self._spawn(self._request(message))
         elif isinstance(message, bus.Chain):
@@ -390,11 +228,6 @@ class Unit:
             self._upstream_gone(message.work_id)
         elif isinstance(message, bus.Control):
             await self._control(message)
-        elif isinstance(message, bus.Hello):
-            if self._refusal is None:  # a refused unit is asked every heartbeat: no news
-                log.warning("sys does not know this unit (it restarted): registering again with %d tasks",
-                            len(self.tasks))
-            self._register_again("sys restarted")
 
     async def _control(self, message: bus.Control) -> None:
         if message.op == "reset":
@@ -406,20 +239,10 @@ class Unit:
                 self.exit_code = RESTART_EXIT
                 assert self._stop is not None  # restart implies it
                 self._stop.set()
-        elif message.op == "refused":
-            if message.data != self._refusal:  # it asks again every heartbeat: say it once
-                log.error("sys refused this unit: %s", message.data)
-            self._refusal = message.data
         elif message.op == "live":
             await self._drop_stale_owners(message.data)
         else:
             self.on_control(message)
-
-    def on_control(self, message: bus.Control) -> None:
-        """Event loop: housekeeping from sys (e.g. the subscriber count of sys.pcm); override if needed."""
-
-    def on_sink(self, source: str, response: dict[str, Any] | None, binary: bytes | None) -> None:
-        """Event loop: something published under a source this unit declared as `sink:<source>`."""
 
     # requests ----------------------------------------------------------------------------------
     def _reply(self, route: bus.Route, response: Response | None, final: bool = True) -> None:
@@ -427,7 +250,7 @@ class Unit:
 
     async def _request(self, message: bus.Req) -> None:
         """The error boundary: every request ends with an answer."""
-        route = message.route or []
+        route = message.route or bus.Route(b"", 0, 0)
         try:
             request = Request.from_dict(message.request)
         except (KeyError, TypeError):
@@ -437,7 +260,10 @@ class Unit:
         try:
             if request.action == "setup":
                 error_work_id = WorkId.parse(message.assigned or request.work_id).unit  # type: ignore[union-attr]
-                await self._setup(request, message, route)
+                if self.tasks_per_setup:
+                    await self._setup(request, message, route)
+                else:
+                    self._reply(route, await self.on_setup(request, route))
             elif request.action == "inference":
                 self._inference(request, message, route)
             else:
@@ -450,15 +276,16 @@ class Unit:
                 request.action, ErrorCode.OPERATION_FAILED)
             self._reply(route, error_reply(request.request_id, error_work_id, code, str(exc) or type(exc).__name__))
 
-    def _task(self, request: Request) -> Task:
+    def _task(self, request: Request) -> Task[S]:
         task = self.tasks.get(request.work_id)
         if task is None:
             raise UnitError(ErrorCode.UNIT_NOT_EXIST)
         return task
 
-    def _take_ownership(self, task: Task, route: bus.Route) -> None:
-        if task.owner is None and route:
-            task.owner = [route[0], route[2]]
+    @staticmethod
+    def _take_ownership(task: Task[S], route: bus.Route) -> None:
+        if task.owner is None:
+            task.owner = route.owner
 
     async def _control_action(self, request: Request, message: bus.Req, route: bus.Route) -> None:
         action = request.action
@@ -467,12 +294,12 @@ class Unit:
             raise UnitError(ErrorCode.NO_UNIT_ACTION)
         if action == "taskinfo" and work_id is not None and not work_id.is_task:
             # Every task of this process, whatever name it was set up under (tts and melotts share slots).
-            names = sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
-            self._reply(route, reply(request, data=[t.work_id for t in names], object=f"{work_id.unit}.tasklist"))
+            ordered = sorted(self.tasks.values(), key=lambda t: t.number)
+            self._reply(route, reply(request, data=[t.work_id for t in ordered], object=f"{work_id.unit}.tasklist"))
             return
         if action in self.extra_actions:
-            task = self.tasks.get(request.work_id)
-            response = await self.on_action(task, request, route, message.binary)
+            found = self.tasks.get(request.work_id)
+            response = await self.on_action(found, request, route, message.binary)
             self._reply(route, response)
             return
         task = self._task(request)
@@ -500,12 +327,13 @@ class Unit:
 
     # setup -------------------------------------------------------------------------------------
     async def _setup(self, request: Request, message: bus.Req, route: bus.Route) -> None:
-        epoch = self._epoch
+        epoch = self.epoch
         assigned = message.assigned or ""
         name = assigned.split(".")[0] or request.unit
         data = request.data
         if not isinstance(data, dict):
             raise UnitError(ErrorCode.JSON_FORMAT, "setup data must be an object")
+        data = self.setup_data(name, data)
         snapshot = (message.ctx or {}).get("tasks", {})
         reclaimed = await self._make_room(snapshot)
         model = data.get("model")
@@ -525,24 +353,26 @@ class Unit:
         inputs = params["input"]
         if not all(isinstance(i, str) for i in inputs):
             raise UnitError(ErrorCode.JSON_FORMAT, "input: expected a string or a list of strings")
-        task = Task(work_id=assigned, name=name, model=model, manifest=manifest, params=params,
-                    response_format=str(params["response_format"]), inputs=[], enoutput=bool(params["enoutput"]),
-                    owner=[route[0], route[2]] if route else None, last_request_id=request.request_id,
-                    exit_on_disconnect=bool(params["exit_on_disconnect"]))
+        task: Task[S] = Task(work_id=assigned, name=name, model=model, manifest=manifest, params=params,
+                             response_format=str(params["response_format"]), inputs=[],
+                             enoutput=bool(params["enoutput"]), owner=route.owner,
+                             last_request_id=request.request_id, exit_on_disconnect=bool(params["exit_on_disconnect"]))
         for entry in inputs:
             if is_task_id(entry):
                 self._link(task, entry, snapshot)
             else:
-                self._add_source(task, entry)
+                task.sources.add(check_source(entry, self.input_sources))
+                task.inputs.append(entry)
         if "sys" in task.sources and capture_mode(self.settings) is None:
             raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
                             "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
-        if params["progress"] and route:
-            task.state["progress"] = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
+        if params["progress"]:
+            task.progress = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
                                   {"stage": stage, "percent": int(percent)}).to_dict(), route=route))
-        await asyncio.to_thread(self.load, task)
-        if epoch != self._epoch:  # sys restarted during the load: the client was told its setup failed
+        task.state = await asyncio.to_thread(self.load, task)
+        task.progress = None
+        if epoch != self.epoch:  # sys restarted during the load: the client was told its setup failed
             raise UnitError(ErrorCode.UNIT_CALL, "sys restarted during the setup; set up again")
         if len(self.tasks) >= self.max_tasks:  # another setup finished while this one loaded
             raise self._task_full()
@@ -550,7 +380,7 @@ class Unit:
         task.worker = asyncio.create_task(self._worker(task))
         self._announce(task)
         # load() may leave a note of a setting it substituted (spec §8.1: e.g. a wake word the model lacks).
-        note = "; ".join(n for n in (note, task.state.pop("setup_note", ""), reclaimed) if n)
+        note = "; ".join(n for n in (note, task.setup_note, reclaimed) if n)
         self._reply(route, Response(request.request_id, task.work_id, message=note))
 
     async def _make_room(self, snapshot: dict[str, dict[str, Any]]) -> str:
@@ -564,9 +394,8 @@ class Unit:
             raise self._task_full()
         linked = {i for info in snapshot.values() for i in info.get("inputs", [])}
         orphans = [t for t in self.tasks.values()
-                   if t.owner is None and not t.upstream and t.work_id not in linked
-                   and t.current is None and not t.queue]
-        orphans.sort(key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+                   if t.owner is None and not t.upstream and t.work_id not in linked and t.idle]
+        orphans.sort(key=lambda t: t.number)
         needed = len(self.tasks) - self.max_tasks + 1
         if len(orphans) < needed:
             raise self._task_full()
@@ -578,46 +407,24 @@ class Unit:
     def _task_full(self) -> UnitError:
         holders = ", ".join(f"{t.work_id} ({t.model}, {'owner connected' if t.owner else 'owner gone'}"
                             f"{', linked' if t.upstream else ''})"
-                            for t in sorted(self.tasks.values(), key=lambda t: int(t.work_id.rsplit('.', 1)[1])))
+                            for t in sorted(self.tasks.values(), key=lambda t: t.number))
         slots = "slot" if self.max_tasks == 1 else "slots"
         return UnitError(ErrorCode.TASK_FULL, f"{self.max_tasks} {self.name} {slots} held by {holders}")
 
-    def _add_source(self, task: Task, entry: str) -> None:
-        token = entry.split(".", 1)[0]
-        if token not in self.input_sources:
-            raise UnitError(ErrorCode.UNSUPPORTED_LINK, entry)
-        task.sources.add(token)
-        task.inputs.append(entry)
-
-    def _link(self, task: Task, upstream: Any, snapshot: dict[str, dict[str, Any]]) -> None:
+    def _link(self, task: Task[S], upstream: Any, snapshot: dict[str, dict[str, Any]]) -> None:
         """Subscribe the task to an upstream task's outputs, checked against the unit and the manifests."""
-        if not isinstance(upstream, str) or not is_task_id(upstream):
-            raise UnitError(ErrorCode.LINK_FALSE)
-        if upstream in task.upstream:
+        if isinstance(upstream, str) and upstream in task.upstream:
             return
-        if upstream == task.work_id:
-            raise UnitError(ErrorCode.UNSUPPORTED_LINK, f"{upstream} cannot link to itself")
-        other = snapshot.get(upstream)
-        if other is None:
-            raise UnitError(ErrorCode.LINK_FALSE)
-        kind = upstream.split(".")[0]
-        if kind not in self.link_kinds:
-            raise UnitError(ErrorCode.UNSUPPORTED_LINK, f"{self.name} does not take input from {kind}")
-        produced = other.get("response_format", "")
-        accepted = task.manifest.input_type
-        if produced and not any(t == produced or t.split(".")[0] == produced.split(".")[0] for t in accepted):
-            raise UnitError(ErrorCode.UNSUPPORTED_LINK,
-                            f"{upstream} outputs {produced}, which {task.manifest.mode} does not take")
-        task.upstream[upstream] = kind
+        task.upstream[upstream] = check_link(task.work_id, upstream, self.name, self.link_kinds, task.manifest, snapshot)
         task.inputs.append(upstream)
 
-    def subscriptions(self, task: Task) -> list[str]:
+    def subscriptions(self, task: Task[S]) -> list[str]:
         subs = list(task.upstream)
         if "sys" in task.sources:
             subs.append(PCM_SOURCE)
         return subs
 
-    def _announce(self, task: Task) -> None:
+    def _announce(self, task: Task[S]) -> None:
         self.send(bus.TaskEvent(op="up", work_id=task.work_id, info=self.describe(task), subscribe=self.subscriptions(task)))
 
     def _upstream_gone(self, work_id: str) -> None:
@@ -637,27 +444,18 @@ class Unit:
             raise UnitError(ErrorCode.NO_UNIT_ACTION)
         task.last_request_id = request.request_id
         self._take_ownership(task, route)
-        conn_key = (route[0], route[2]) if route else None
-        kind = ObjectType.parse(request.object)
-        payload: Any = request.data
-        if message.binary is not None:
-            payload = message.binary
-        elif kind.stream and self.reassemble_streams:
-            payload = self.streams.feed(conn_key or (None, None), task.work_id, request.data)
-            if payload is None:
+        data: Any = request.data
+        if message.binary is None and ObjectType.parse(request.object).stream:
+            if not self.reassemble_streams:
+                if self.on_stream_chunk(task, request, route) is None:
+                    self._reply(route, None)  # nothing complete to say yet
+                return
+            data = self.streams.feed((route.client, route.conn), task.work_id, request.data)
+            if data is None:
                 self._reply(route, None)  # a chunk in the middle of a stream: nothing to say yet
                 return
-        if message.binary is None and (kind.base64 or not self.needs_text):
-            if not isinstance(payload, str):
-                raise UnitError(ErrorCode.JSON_FORMAT, "data must be a base64 string")
-            try:
-                payload = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise UnitError(ErrorCode.BASE64_DECODING) from None
-        if payload in ("", b"", None, NONE) or (isinstance(payload, str) and not payload.strip() and self.needs_text):
-            raise UnitError(ErrorCode.EMPTY_DATA)
-        job = Job(self, task, request.request_id, request.object, payload, route=route, conn_key=conn_key)
-        self.enqueue(task, job)
+        payload = inference_payload(request.object, data, message.binary, self.needs_text)
+        self.enqueue(task, Job(self, task, request.request_id, request.object, payload, route=route))
 
     def _chain(self, message: bus.Chain) -> None:
         if not message.dst:
@@ -678,7 +476,7 @@ class Unit:
             except Exception:
                 log.exception("%s: chain input from %s failed", work_id, message.src)
 
-    async def _worker(self, task: Task) -> None:
+    async def _worker(self, task: Task[S]) -> None:
         while not task.closed:
             if not task.queue:
                 task.wakeup.clear()
@@ -696,7 +494,7 @@ class Unit:
                 if job.route:
                     self._reply(job.route, None)  # the request is over: sys forgets it
 
-    def _run_job(self, job: Job) -> None:
+    def _run_job(self, job: Job[S]) -> None:
         """Worker thread: one job with the error boundary; errors go where the job's outputs would."""
         try:
             if job.route is not None:
@@ -714,7 +512,7 @@ class Unit:
             if self.trim_when_idle and not job.task.queue:
                 return_memory_to_os()
 
-    def _job_error(self, job: Job, exc: UnitError) -> None:
+    def _job_error(self, job: Job[S], exc: UnitError) -> None:
         response = error_reply(job.request_id, job.task.work_id, exc)
         if job.route is not None:
             self.send_threadsafe(bus.Msg(response=response.to_dict(), route=job.route))
@@ -722,7 +520,7 @@ class Unit:
             self.send_threadsafe(bus.Msg(response=response.to_dict(), owner=job.task.owner))
 
     # stopping work -----------------------------------------------------------------------------
-    async def _stop_job(self, job: Job) -> None:
+    async def _stop_job(self, job: Job[S]) -> None:
         job.cancel.set()
         if job.done is not None:
             try:
@@ -730,12 +528,12 @@ class Unit:
             except asyncio.TimeoutError:
                 log.error("%s: job %s did not stop within %.0f s", job.task.work_id, job.request_id, JOB_STOP_WAIT_S)
 
-    def _cancel_queued(self, task: Task, job: Job, detail: str) -> None:
+    def _cancel_queued(self, task: Task[S], job: Job[S], detail: str) -> None:
         task.queue.remove(job)
         if job.route is not None:
             self._reply(job.route, error_reply(job.request_id, task.work_id, ErrorCode.CANCELLED, detail))
 
-    async def _pause(self, task: Task, data: Any) -> None:
+    async def _pause(self, task: Task[S], data: Any) -> None:
         target = data.get("request_id") if isinstance(data, dict) else (data if data not in (NONE, "") else None)
         if isinstance(target, str):
             for job in list(task.queue):
@@ -749,7 +547,7 @@ class Unit:
         task.paused = True
         self.on_pause(task)
 
-    async def _exit_task(self, task: Task, why: str) -> None:
+    async def _exit_task(self, task: Task[S], why: str) -> None:
         if task.closed:
             return
         task.closed = True
@@ -773,7 +571,7 @@ class Unit:
         for task in list(self.tasks.values()):
             if task.owner is None or task.closed:
                 continue
-            client, conn = bytes(task.owner[0]), task.owner[1]
+            client, conn = bytes(task.owner.client), task.owner.conn
             if client not in conns:
                 await self._gone(bus.Gone(client=client, conn=None, release=True))
             elif conn not in conns[client]:
@@ -788,22 +586,21 @@ class Unit:
 
         When a client process vanished without saying goodbye (`release`), its tasks go too: they
         would hold task slots until a setup reclaimed them (spec §5.4)."""
-        def matches(key: tuple[Any, Any] | bus.Owner | None) -> bool:
+        def matches(key: tuple[bytes, int] | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
         cancel = bool(self.settings["tcp.cancel_on_disconnect"])
         self.streams.drop_client(message.client, message.conn)
         for task in list(self.tasks.values()):
-            owned = matches(task.owner)
-            if owned:
+            if matches(task.owner):
                 task.owner = None
                 if task.exit_on_disconnect or message.release:
                     await self._exit_task(task, "owner disconnected")
                     continue
             if cancel:
-                for job in [j for j in task.queue if matches(j.conn_key)]:
+                for job in [j for j in task.queue if matches(j.connection)]:
                     task.queue.remove(job)
-                    assert job.route is not None  # conn_key comes from the route
+                    assert job.route is not None  # a connection comes from the route
                     self._reply(job.route, None)
-                if task.current is not None and matches(task.current.conn_key):
+                if task.current is not None and matches(task.current.connection):
                     await self._stop_job(task.current)
