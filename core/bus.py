@@ -103,6 +103,9 @@ class Hello(Message):
     pid: int = field(default_factory=os.getpid)
     conns: list[int] = field(default_factory=list)  # a client's open connections (a restarted sys learns them)
     key: str = ""  # the run dir's registration key (core/rundir.py); sys refuses a hello without it
+    # Sources a unit publishes with no task behind them (the audio unit's sys.pcm): "" when it offers
+    # the source now, else why not. sys counts each one's subscribers for its publisher.
+    sources: dict[str, str] = field(default_factory=dict)
     binary: bytes | None = None
 
 

@@ -1,33 +1,12 @@
-"""The shared microphone: where capture comes from, and how units take its frames (spec §12.3, §16.7)."""
+"""The shared microphone as its listeners take it (spec §12.3, §16.7): the source's name, its frames'
+"playing" mark, and a feed that batches frames for a task's worker. Which device captures is the
+publishing unit's business (units/audio); that it exists, sys learns from the publisher's hello."""
 from __future__ import annotations
 
-import shutil
 import threading
-from pathlib import Path
 from typing import Any
 
-from core.settings import Settings
-
-PCM_SOURCE = "sys.pcm"  # the microphone, published by the audio unit
-ASOUND_PCM = Path("/proc/asound/pcm")
-
-
-def alsa_has(direction: str) -> bool:
-    """Whether ALSA lists a `capture` or `playback` PCM and the matching program (arecord, aplay) is installed."""
-    try:
-        listing = ASOUND_PCM.read_text()
-    except OSError:
-        return False
-    return f"{direction} " in listing and shutil.which("arecord" if direction == "capture" else "aplay") is not None
-
-
-def capture_mode(settings: Settings) -> str | None:
-    """The audio unit's capture source: "alsa", "wav" (audio.source_wav), "push" (clients' `capture`
-    action only), or None: no microphone, so a task taking sys.pcm fails setup with -8 (spec §16.7)."""
-    mode = str(settings["audio.capture"]).lower()
-    if mode == "auto":
-        return "alsa" if alsa_has("capture") else ("wav" if settings["audio.source_wav"] else None)
-    return mode if mode in ("alsa", "wav", "push") else None
+PCM_SOURCE = "sys.pcm"  # the microphone, as published on the bus
 
 
 def frame_playing(response: dict[str, Any] | None) -> bool:

@@ -16,7 +16,6 @@ from core import bus, rundir
 from core.envelope import Request, Response, error_reply
 from core.errors import ErrorCode
 from core.ids import WorkId
-from core.microphone import PCM_SOURCE
 from core.settings import Settings
 from core.sys.fleet import FLEET_UNIT, fleet_timeout, wants_fleet
 from core.sys.links import LinkDirectory
@@ -97,7 +96,10 @@ class Broker:
         self._ctx = bus.Context()
         self.sock: bus.RouterSocket | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._pcm_subscribers = 0
+        # Sources units publish (bus.Hello.sources): the publisher and "" when offered, else why not;
+        # and the subscriber count each publisher was last told.
+        self.sources: dict[str, tuple[UnitRecord, str]] = {}
+        self.subscriber_counts: dict[str, int] = {}
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
         self._refused: dict[bytes, float] = {}  # peers whose hello was refused, and when (logged once each)
@@ -268,8 +270,10 @@ class Broker:
             self.units[name] = record
         log.info("unit %s (%s) registered, pid %s", hello.name, ",".join(record.names), hello.pid)
         self.send_to_unit(record, bus.Heartbeat())
-        if PCM_SOURCE in record.features:
-            self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: self._pcm_subscribers}))
+        self._forget_sources(record)
+        for source, why in (hello.sources if isinstance(hello.sources, dict) else {}).items():
+            self.sources[str(source)] = (record, str(why))
+        self._update_subscribers(registered=record)
         if self._live_told:
             self.send_to_unit(record, self._live_clients())
 
@@ -341,10 +345,14 @@ class Broker:
         key = (origin.client, origin.tag)
         self.inflight[key] = Inflight(origin, request, record, timeout, error_work_id or request.work_id, rewrite,
                                       assigned=assigned)
-        ctx = {"tasks": self.task_snapshot()} if request.action in ("setup", "link") else None
+        ctx = {"tasks": self.task_snapshot(), "sources": self.source_table()} if request.action in ("setup", "link") else None
         self.send_to_unit(record, bus.Req(tag=origin.tag, conn=origin.conn, request=request.to_dict(),
                                           route=bus.Route(origin.client, origin.tag, origin.conn), assigned=assigned,
                                           ctx=ctx, binary=binary))
+
+    def source_table(self) -> dict[str, str]:
+        """Every source a unit registered: "" when it is published, else why it is not."""
+        return {source: why for source, (_, why) in self.sources.items()}
 
     def task_snapshot(self) -> dict[str, dict[str, Any]]:
         return {wid: {"unit": rec.unit.name, **rec.info} for wid, rec in self.tasks.items()}
@@ -407,7 +415,7 @@ class Broker:
             self.links.set_subscriptions(event.work_id, event.subscribe)
         elif event.op == "down":
             self._drop_task(event.work_id)
-        self._update_pcm_subscribers()
+        self._update_subscribers()
 
     def _drop_task(self, work_id: str) -> None:
         if self.tasks.pop(work_id, None) is None:
@@ -416,14 +424,24 @@ class Broker:
         for record in set(self.workers.values()):
             self.send_to_unit(record, bus.TaskEvent(op="down", work_id=work_id))
 
-    def _update_pcm_subscribers(self) -> None:
-        count = len(self.links.subscribers(PCM_SOURCE))
-        if count == self._pcm_subscribers:
-            return
-        self._pcm_subscribers = count
-        for record in set(self.workers.values()):
-            if PCM_SOURCE in record.features:
-                self.send_to_unit(record, bus.Control("subscribers", {PCM_SOURCE: count}))
+    def _update_subscribers(self, registered: UnitRecord | None = None) -> None:
+        """Tell each publisher how many tasks subscribe to its sources, when that changed (and all of
+        them to a unit that just registered): the audio unit captures only while someone listens."""
+        changed: dict[bytes, tuple[UnitRecord, dict[str, int]]] = {}
+        for source, (record, why) in self.sources.items():
+            if why:
+                continue
+            count = len(self.links.subscribers(source))
+            if record is registered or count != self.subscriber_counts.get(source):
+                self.subscriber_counts[source] = count
+                changed.setdefault(record.identity, (record, {}))[1][source] = count
+        for record, counts in changed.values():
+            self.send_to_unit(record, bus.Control("subscribers", counts))
+
+    def _forget_sources(self, record: UnitRecord) -> None:
+        for source in [s for s, (r, _) in self.sources.items() if r is record]:
+            del self.sources[source]
+            self.subscriber_counts.pop(source, None)
 
     # failures ----------------------------------------------------------------------------------
     def _unit_dead(self, record: UnitRecord, why: str) -> None:
@@ -437,7 +455,8 @@ class Broker:
         self._fail_inflight(record, why)
         for work_id in [w for w, t in self.tasks.items() if t.unit is record]:
             self._drop_task(work_id)
-        self._update_pcm_subscribers()
+        self._forget_sources(record)
+        self._update_subscribers()
 
     def _fail_inflight(self, record: UnitRecord, why: str) -> None:
         for key, entry in list(self.inflight.items()):

@@ -22,7 +22,6 @@ from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_id
 from core.manifest import ManifestStore, merge_params
-from core.microphone import PCM_SOURCE, capture_mode
 from core.runtime import return_memory_to_os
 from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
@@ -58,6 +57,8 @@ class Unit(Session, Generic[S]):
     default_enoutput: ClassVar[bool] = True
     link_kinds: ClassVar[frozenset[str]] = frozenset()  # upstream unit kinds it takes as links
     input_sources: ClassVar[frozenset[str]] = frozenset()  # first tokens of non-link input entries
+    # Input tokens that subscribe to a published source: {"sys": "sys.pcm"} for the microphone.
+    subscribes: ClassVar[dict[str, str]] = {}
     max_queue_default: ClassVar[int] = 3
     # False: a client's stream chunks go to `on_stream_chunk` as they come (tts speaks each sentence).
     reassemble_streams: ClassVar[bool] = True
@@ -78,6 +79,7 @@ class Unit(Session, Generic[S]):
         self._models: dict[Any, Any] = {}
         self._models_lock = threading.Lock()
         self._background: set[asyncio.Task[Any]] = set()
+        self.subscribers: dict[str, int] = {}  # tasks subscribed to each source this unit publishes
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
 
@@ -130,8 +132,11 @@ class Unit(Session, Generic[S]):
         """Event loop: a unit-specific action (extra_actions)."""
         raise UnitError(ErrorCode.NO_UNIT_ACTION)
 
+    def on_subscribers(self, source: str, count: int) -> None:
+        """Event loop: how many tasks now subscribe to a source this unit publishes (published_sources)."""
+
     def on_control(self, message: bus.Control) -> None:
-        """Event loop: housekeeping from sys (e.g. the subscriber count of sys.pcm); override if needed."""
+        """Event loop: housekeeping from sys that the base does not handle; override if needed."""
 
     def on_sink(self, source: str, response: dict[str, Any] | None, binary: bytes | None) -> None:
         """Event loop: something published under a source this unit declared as `sink:<source>`."""
@@ -241,6 +246,10 @@ class Unit(Session, Generic[S]):
                 self._stop.set()
         elif message.op == "live":
             await self._drop_stale_owners(message.data)
+        elif message.op == "subscribers" and isinstance(message.data, dict):
+            for source, count in message.data.items():
+                self.subscribers[str(source)] = int(count)
+                self.on_subscribers(str(source), int(count))
         else:
             self.on_control(message)
 
@@ -363,9 +372,12 @@ class Unit(Session, Generic[S]):
             else:
                 task.sources.add(check_source(entry, self.input_sources))
                 task.inputs.append(entry)
-        if "sys" in task.sources and capture_mode(self.settings) is None:
-            raise UnitError(ErrorCode.RESOURCE_ALLOCATION, "no capture device for sys.pcm "
-                            "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)")
+        published = (message.ctx or {}).get("sources", {})
+        for source in self._published_inputs(task):
+            if source not in published:
+                raise UnitError(ErrorCode.RESOURCE_ALLOCATION, f"no unit publishes {source}")
+            if published[source]:
+                raise UnitError(ErrorCode.RESOURCE_ALLOCATION, str(published[source]))
         if params["progress"]:
             task.progress = lambda percent, stage="loading": self.send_threadsafe(bus.Msg(
                 response=Response(request.request_id, name, f"{name}.setup.progress",
@@ -418,11 +430,11 @@ class Unit(Session, Generic[S]):
         task.upstream[upstream] = check_link(task.work_id, upstream, self.name, self.link_kinds, task.manifest, snapshot)
         task.inputs.append(upstream)
 
+    def _published_inputs(self, task: Task[S]) -> list[str]:
+        return [self.subscribes[token] for token in sorted(task.sources) if token in self.subscribes]
+
     def subscriptions(self, task: Task[S]) -> list[str]:
-        subs = list(task.upstream)
-        if "sys" in task.sources:
-            subs.append(PCM_SOURCE)
-        return subs
+        return [*task.upstream, *self._published_inputs(task)]
 
     def _announce(self, task: Task[S]) -> None:
         self.send(bus.TaskEvent(op="up", work_id=task.work_id, info=self.describe(task), subscribe=self.subscriptions(task)))

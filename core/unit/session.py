@@ -42,6 +42,10 @@ class Session:
     def actions(self) -> list[str]:
         raise NotImplementedError
 
+    def published_sources(self) -> dict[str, str]:
+        """The sources this unit publishes with no task behind them: "" when offered, else why not."""
+        return {}
+
     async def dispatch(self, message: bus.Message) -> None:
         """Event loop: one message from sys (other than the session's own)."""
         raise NotImplementedError
@@ -76,7 +80,8 @@ class Session:
 
     def hello(self) -> None:
         self.send(bus.Hello(role="unit", name=self.name, names=list(self.names or (self.name,)),
-                            actions=self.actions(), version=self.version, features=list(self.features), key=self.key))
+                            actions=self.actions(), version=self.version, features=list(self.features), key=self.key,
+                            sources=self.published_sources()))
         self._last_from_sys = time.monotonic()
 
     def register_again(self, why: str) -> None:

@@ -288,3 +288,38 @@ def test_routes_are_records_on_the_wire():
     body["route"] = [b"id"]
     with pytest.raises(bus.BadMessage):
         bus.Message.decode([msgpack.packb(body)])
+
+
+class Listener(Probe):
+    """Takes the published source feed.words (input "feed.words"), and publishes it when `offered`."""
+    input_sources = frozenset({"skel", "feed"})
+    subscribes = {"feed": "feed.words"}
+    offered: str | None = None  # None: not published; "": published; else why not
+
+    def published_sources(self) -> dict[str, str]:
+        return {} if self.offered is None else {"feed.words": self.offered}
+
+
+class OfflineFeed(Listener):
+    offered = "feed is off: nothing to read"
+
+
+class OnlineFeed(Listener):
+    offered = ""
+
+
+def test_a_published_input_needs_a_unit_that_publishes_it():
+    async def scenario() -> None:
+        for unit_class, code, message in [
+                (Listener, ErrorCode.RESOURCE_ALLOCATION, "no unit publishes feed.words"),
+                (OfflineFeed, ErrorCode.RESOURCE_ALLOCATION, "feed is off: nothing to read"),
+                (OnlineFeed, 0, "")]:
+            async with running(unit_class) as (unit, client):
+                reply = await setup(client, input=["skel.utf-8", "feed.words"])
+                assert reply.code == code and reply.message.endswith(message), (unit_class, reply)
+                if code == 0:
+                    # sys counted the new subscriber for the publisher before answering the next request.
+                    await client.request(Request("t", reply.work_id, "taskinfo"))
+                    assert unit.subscribers == {"feed.words": 1}
+                    assert unit.subscriptions(unit.tasks[reply.work_id]) == ["feed.words"]
+    run(scenario())

@@ -64,3 +64,27 @@ def test_the_outside_units_settings_section_is_typed_and_used(stack_factory, sit
                              "--set", "rot13.shift=many"], capture_output=True, text=True,
                             env={**os.environ, **environment(site)}, cwd=Path(__file__).parents[2])
     assert result.returncode != 0 and "rot13.shift: expected an integer" in result.stderr
+
+
+def test_the_outside_units_published_source_counts_its_subscribers(stack_factory, site):
+    """sys keeps a subscriber count for every source a unit registers, not only the microphone's."""
+    stack = stack_factory(["rot13"], {"rot13.max_tasks": "2"}, env=environment(site))
+    with StackFlowClient(stack.port) as client:
+        def listeners() -> dict:
+            return client.request({"request_id": "n", "work_id": "rot13", "action": "listeners"})["data"]
+
+        assert listeners() == {"rot13.words": 0}
+        setup = {"model": "rot13", "response_format": "rot13.utf-8", "enoutput": True}
+        source = client.request({"request_id": "s", "work_id": "rot13", "action": "setup",
+                                 "data": {**setup, "input": "rot13.utf-8"}})["work_id"]
+        listener = client.request({"request_id": "l", "work_id": "rot13", "action": "setup",
+                                   "data": {**setup, "input": ["words.rot13"]}})
+        assert listener["error"]["code"] == 0, listener
+        assert listeners() == {"rot13.words": 1}
+        client.send({"request_id": "i", "work_id": source, "action": "inference", "object": "rot13.utf-8",
+                     "data": "abc"})
+        assert client.read_for("i")["data"] == "nop"
+        heard = client.read_for("l")  # the listener task's output: what it heard, rotated back
+        assert (heard["work_id"], heard["data"]) == (listener["work_id"], "abc")
+        client.request({"request_id": "e", "work_id": listener["work_id"], "action": "exit"})
+        assert listeners() == {"rot13.words": 0}

@@ -63,6 +63,7 @@ class AsrUnit(Unit[AsrState]):
     default_response_format = "asr.utf-8.stream"
     link_kinds = frozenset({"kws", "vad"})
     input_sources = frozenset({"sys", "asr", "whisper"})
+    subscribes = {"sys": PCM_SOURCE}
     max_queue_default = 8
     needs_text = False
 

@@ -1,8 +1,8 @@
 """Capture and playback for the audio unit: ALSA through arecord/aplay, WAV files, client pushes.
 
 No bus here: `Capture` calls `emit(frame_bytes)` once per period from its own thread, and `Player`
-plays queued int16 arrays from its own thread. Which capture source exists is core.microphone.capture_mode:
-listening units check it at setup too (spec §16.7).
+plays queued int16 arrays from its own thread. Which capture source exists is `capture_mode`: the unit
+publishes sys.pcm only when there is one, so a listening task's setup is refused otherwise (spec §16.7).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import collections
 import itertools
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -20,12 +21,30 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from core import audio
-from core.microphone import alsa_has
 
 log = logging.getLogger(__name__)
 
 RATE = audio.RATE
 PLAY_PERIOD_S = 0.02  # playback is written and stopped in 20 ms pieces
+ASOUND_PCM = Path("/proc/asound/pcm")
+
+
+def alsa_has(direction: str) -> bool:
+    """Whether ALSA lists a `capture` or `playback` PCM and the matching program (arecord, aplay) is installed."""
+    try:
+        listing = ASOUND_PCM.read_text()
+    except OSError:
+        return False
+    return f"{direction} " in listing and shutil.which("arecord" if direction == "capture" else "aplay") is not None
+
+
+def capture_mode(settings: Any) -> str | None:
+    """The capture source: "alsa", "wav" (audio.source_wav), "push" (clients' `capture` action only), or
+    None: no microphone, so sys.pcm is not published and a task taking it fails setup with -8 (spec §16.7)."""
+    mode = str(settings["audio.capture"]).lower()
+    if mode == "auto":
+        return "alsa" if alsa_has("capture") else ("wav" if settings["audio.source_wav"] else None)
+    return mode if mode in ("alsa", "wav", "push") else None
 
 
 def playback_mode(settings: Any) -> str:

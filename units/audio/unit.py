@@ -18,10 +18,10 @@ from core import bus
 from core.envelope import Request, Response
 from core.errors import PARAMETER_FORMAT, ErrorCode, UnitError
 from core.ids import ObjectType
-from core.microphone import PCM_SOURCE, capture_mode
+from core.microphone import PCM_SOURCE
 from core.unit import Task, Unit, decode_audio
 from units.audio import UNIT
-from units.audio.devices import Capture, Player, playback_mode
+from units.audio.devices import Capture, Player, capture_mode, playback_mode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class AudioUnit(Unit[None]):
     names = UNIT.names
     extra_actions = ("play", "capture")
     no_task_actions = ("inference", "link", "unlink", "pause", "work", "exit")
-    features = (PCM_SOURCE, f"sink:{PLAY_SOURCE}")
+    features = (f"sink:{PLAY_SOURCE}",)
     needs_text = False
     tasks_per_setup = False  # a setup chooses the devices (spec §16.7)
 
@@ -63,10 +63,15 @@ class AudioUnit(Unit[None]):
             self.player.close()
 
     # capture -----------------------------------------------------------------------------------
-    def on_control(self, message: bus.Control) -> None:
-        if message.op != "subscribers":
+    def published_sources(self) -> dict[str, str]:
+        if self.capture_mode is None:
+            return {PCM_SOURCE: "no capture device for sys.pcm "
+                                "(no ALSA capture PCM, no audio.source_wav, audio.capture is not push)"}
+        return {PCM_SOURCE: ""}
+
+    def on_subscribers(self, source: str, count: int) -> None:
+        if source != PCM_SOURCE:
             return
-        count = int((message.data or {}).get(PCM_SOURCE, 0))
         if count > 0 and self.listeners == 0:
             log.info("capture starts (%d listeners)", count)
             self.capture.start()

@@ -51,6 +51,7 @@ class KwsUnit(Unit[KwsState]):
     default_response_format = "kws.bool"
     # buttons_thread is accepted as StackFlow clients send it; unitbus has no button source to read.
     input_sources = frozenset({"sys", "kws", "buttons_thread"})
+    subscribes = {"sys": PCM_SOURCE}
     max_queue_default = 8
     needs_text = False
 

@@ -39,6 +39,7 @@ class VadUnit(Unit[VadState]):
     default_response_format = "vad.bool"
     link_kinds = frozenset({"kws"})
     input_sources = frozenset({"sys", "vad"})
+    subscribes = {"sys": PCM_SOURCE}
     max_queue_default = 8
     needs_text = False
 
