@@ -2,7 +2,7 @@
 
 A unit package announces itself with an entry point in the group `unitbus.units` whose object is a
 `UnitInfo`: the process to run, the work_id names it answers, the manifest types it loads, its settings
-section (defaults, which also fix each key's type) and, if its models need one, a converter. unitbus's own
+section (a dataclass: the keys of `[<name>]`, their defaults and types) and, if its models need one, a converter. unitbus's own
 units are registered the same way in setup.cfg as any unit installed from elsewhere.
 
 The descriptor is read without starting the unit, so it lives in the unit package's `__init__.py` and
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from core.settings import SettingsError, section_defaults
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class UnitInfo:
     module: str  # run as `python -m <module>`
     serves: tuple[str, ...] = ()  # other work_id names it answers: ("whisper",)
     manifest_types: tuple[str, ...] = ()  # manifest "type" values its setups load; default: (name,)
-    settings: Mapping[str, Any] = field(default_factory=dict)  # "<section>.<key>": default
+    settings: type[Any] | None = None  # a dataclass: the settings section [<name>] (core/settings.py)
     max_tasks: int = 1  # default of "<name>.max_tasks" (spec §5.3)
     converter: str = ""  # "module:function(manifest_dict, force=...) -> path", for `unitbus models convert`
     manifests: str = ""  # "pkg://<package>/<folder>" of the unit's own mode_*.json files (spec §17.2)
@@ -55,6 +57,11 @@ def installed() -> dict[str, UnitInfo]:
             continue
         if not isinstance(info, UnitInfo) or info.name != entry.name:
             log.error("unit entry point %s (%s) is not a UnitInfo named %s", entry.name, entry.value, entry.name)
+            continue
+        try:
+            section(info)
+        except SettingsError as exc:
+            log.error("unit entry point %s (%s): %s", entry.name, entry.value, exc)
             continue
         units.setdefault(info.name, info)
     return units
@@ -90,10 +97,17 @@ def manifest_types() -> set[str]:
     return {t for info in installed().values() for t in info.types}
 
 
+def section(info: UnitInfo) -> dict[str, Any]:
+    """A unit's settings section as flat defaults, its task limit included."""
+    defaults = {f"{info.name}.max_tasks": info.max_tasks}
+    if info.settings is not None:
+        defaults.update(section_defaults(info.name, info.settings))
+    return defaults
+
+
 def settings_defaults() -> dict[str, Any]:
-    """The settings every installed unit declares, with its task limit."""
+    """The settings sections of every installed unit."""
     defaults: dict[str, Any] = {}
     for info in installed().values():
-        defaults[f"{info.name}.max_tasks"] = info.max_tasks
-        defaults.update(info.settings)
+        defaults.update(section(info))
     return defaults

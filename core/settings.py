@@ -1,7 +1,7 @@
 """One typed Settings: defaults < /etc/unitbus/unitbus.toml < environment < command line (spec §20).
 
-The defaults are core's keys below plus the settings sections the installed units declare (core/registry.py);
-each default fixes its key's type.
+The defaults are core's keys below plus the typed settings section each installed unit declares (a dataclass
+named in its UnitInfo, core/registry.py): core composes them and names none. Each default fixes its key's type.
 
 Keys are flat dotted names ("tcp.port"). The TOML file uses sections ([tcp] port = 10001). The
 environment form of a key is UNITBUS_ plus the key upper-cased with dots as underscores
@@ -10,6 +10,7 @@ its command-line settings to the processes it starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -17,7 +18,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from core import rundir
 from core.rundir import RunDirError
@@ -147,8 +148,27 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+T = TypeVar("T")
+
+
 class SettingsError(ValueError):
     pass
+
+
+def section_defaults(section: str, schema: type[Any]) -> dict[str, Any]:
+    """The flat defaults ("<section>.<field>") of a typed settings section: a dataclass whose fields all
+    have defaults, which fix each key's type (coerce)."""
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise SettingsError(f"settings section {section}: {schema!r} is not a dataclass")
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            defaults[f"{section}.{f.name}"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f"{section}.{f.name}"] = f.default_factory()
+        else:
+            raise SettingsError(f"{section}.{f.name}: a setting needs a default")
+    return defaults
 
 
 def coerce(key: str, value: Any, default: Any) -> Any:
@@ -232,6 +252,10 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
+
+    def section(self, section: str, schema: type[T]) -> T:
+        """A unit's settings section as its own dataclass (the values already coerced to its types)."""
+        return schema(**{f.name: self._values[f"{section}.{f.name}"] for f in dataclasses.fields(schema)})  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, config: str | Path | None = None, overrides: Mapping[str, Any] | Iterable[str] = (),

@@ -37,6 +37,33 @@ def test_an_unknown_key_is_an_error_that_names_it(tmp_path):
     assert Settings.load(None, ["skel.max_tasks=4"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})["skel.max_tasks"] == 4
 
 
+def test_a_units_typed_section_is_composed_and_read_back_typed(tmp_path):
+    from dataclasses import dataclass
+
+    from units.audio import AudioSettings
+
+    from core.settings import section_defaults
+
+    config = tmp_path / "u.toml"
+    config.write_text("[audio]\nperiod_ms = 20\nloop = true\n")
+    settings = Settings.load(config, ["audio.capture=push"], environ={})
+    assert settings.section("audio", AudioSettings) == AudioSettings(period_ms=20, loop=True, capture="push")
+    config.write_text("[audio]\nperiod = 20\n")
+    with pytest.raises(SettingsError, match=r"unknown setting audio.period \(did you mean audio.period_ms\?\)"):
+        Settings.load(config, environ={})
+    with pytest.raises(SettingsError, match="audio.period_ms: expected an integer"):
+        Settings.load(None, ["audio.period_ms=often"], environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})
+
+    @dataclass
+    class NoDefault:
+        level: int
+
+    with pytest.raises(SettingsError, match="x.level: a setting needs a default"):
+        section_defaults("x", NoDefault)
+    with pytest.raises(SettingsError, match="not a dataclass"):
+        section_defaults("x", dict)
+
+
 def test_bad_toml_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tcp\nport=")

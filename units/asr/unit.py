@@ -20,7 +20,7 @@ from core import audio
 from core.errors import ErrorCode, UnitError
 from core.microphone import PCM_SOURCE, frame_playing
 from core.unit import Job, Task, Unit
-from units.asr import UNIT
+from units.asr import UNIT, AsrSettings
 from units.asr.endpoint import EndpointConfig, Endpointer
 from units.asr.engine import AsrEngine, load_asr
 
@@ -66,6 +66,10 @@ class AsrUnit(Unit[AsrState]):
     subscribes = {"sys": PCM_SOURCE}
     max_queue_default = 8
     needs_text = False
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.config = settings.section(UNIT.name, AsrSettings)
 
     def setup_data(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         return {**WHISPER_DEFAULTS, **data} if name == "whisper" else data
@@ -117,8 +121,8 @@ class AsrUnit(Unit[AsrState]):
             return True
         if time.monotonic() < task.state.listen_at:
             return True
-        if frame_playing(response) and self.settings["audio.mute_capture_while_playing"]:
-            return True  # the board's own voice
+        if frame_playing(response):
+            return True  # the board's own voice (marked so only under audio.mute_capture_while_playing)
         endpointer = task.state.endpointer
         self._endpoint(task, endpointer.push(audio.pcm_from_bytes(binary)))
         timeout = task.params["silence_timeout"]
@@ -180,7 +184,7 @@ class AsrUnit(Unit[AsrState]):
 
     # output ------------------------------------------------------------------------------------
     def _deliver(self, job: Job[AsrState], text: str) -> None:
-        if self.settings["asr.stream_style"] == "stackflow":
+        if self.config.stream_style == "stackflow":
             text = stackflow_text(text)
         if job.task.stream_output:
             job.stream(text, True)

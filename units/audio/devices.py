@@ -16,11 +16,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from core import audio
+from units.audio import AudioSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,22 @@ def alsa_has(direction: str) -> bool:
     return f"{direction} " in listing and shutil.which("arecord" if direction == "capture" else "aplay") is not None
 
 
-def capture_mode(settings: Any) -> str | None:
+def capture_mode(config: AudioSettings) -> str | None:
     """The capture source: "alsa", "wav" (audio.source_wav), "push" (clients' `capture` action only), or
     None: no microphone, so sys.pcm is not published and a task taking it fails setup with -8 (spec §16.7)."""
-    mode = str(settings["audio.capture"]).lower()
+    mode = config.capture.lower()
     if mode == "auto":
-        return "alsa" if alsa_has("capture") else ("wav" if settings["audio.source_wav"] else None)
+        return "alsa" if alsa_has("capture") else ("wav" if config.source_wav else None)
     return mode if mode in ("alsa", "wav", "push") else None
 
 
-def playback_mode(settings: Any) -> str:
+def playback_mode(config: AudioSettings) -> str:
     """"alsa", "dir" (WAV files in audio.play_dir) or "none" (played silently, in real time)."""
-    mode = str(settings["audio.playback"]).lower()
+    mode = config.playback.lower()
     if mode == "auto":
         if alsa_has("playback"):
             return "alsa"
-        return "dir" if settings["audio.play_dir"] else "none"
+        return "dir" if config.play_dir else "none"
     return mode if mode in ("alsa", "dir") else "none"
 
 

@@ -20,7 +20,7 @@ from core.errors import PARAMETER_FORMAT, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.microphone import PCM_SOURCE
 from core.unit import Task, Unit, decode_audio
-from units.audio import UNIT
+from units.audio import UNIT, AudioSettings
 from units.audio.devices import Capture, Player, capture_mode, playback_mode
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,12 @@ class AudioUnit(Unit[None]):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.mute = bool(settings["audio.mute_capture_while_playing"])
-        self.capture_mode = capture_mode(settings)
-        self.capture = Capture(self.capture_mode or "push", self._emit_frame, int(settings["audio.period_ms"]),
-                               str(settings["audio.source_wav"]), bool(settings["audio.loop"]),
-                               str(settings["audio.capture_device"]))
-        self.player = Player(playback_mode(settings), str(settings["audio.play_dir"]),
-                             str(settings["audio.playback_device"]))
+        config = settings.section(UNIT.name, AudioSettings)
+        self.mute = config.mute_capture_while_playing
+        self.capture_mode = capture_mode(config)
+        self.capture = Capture(self.capture_mode or "push", self._emit_frame, config.period_ms, config.source_wav,
+                               config.loop, config.capture_device)
+        self.player = Player(playback_mode(config), config.play_dir, config.playback_device)
         self.devices = {"cap": {"card": None, "device": None, "volume": 1.0},
                         "play": {"card": None, "device": None, "volume": 1.0}}
         self.listeners = 0

@@ -79,8 +79,8 @@ class VadUnit(Unit[VadState]):
             return False
         if task.paused or not binary or (self._gated(task) and not task.state.awake):
             return True
-        if frame_playing(response) and self.settings["audio.mute_capture_while_playing"]:
-            return True  # the board's own voice
+        if frame_playing(response):
+            return True  # the board's own voice (marked so only under audio.mute_capture_while_playing)
         if task.state.feed.add(binary):
             self.enqueue(task, self.chain_job(task, source, None, object="sys.pcm"))
         return True

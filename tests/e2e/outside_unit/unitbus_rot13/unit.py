@@ -14,7 +14,7 @@ from core import bus
 from core.envelope import Request, Response
 from core.errors import ErrorCode, UnitError
 from core.unit import Job, Task, Unit
-from unitbus_rot13 import UNIT
+from unitbus_rot13 import UNIT, Rot13Settings
 
 WORDS = "rot13.words"
 
@@ -38,13 +38,17 @@ class Rot13Unit(Unit[None]):
     subscribes = {"words": WORDS}
     extra_actions = ("listeners",)
 
+    def __init__(self, settings: Any):
+        super().__init__(settings)
+        self.shift = settings.section(UNIT.name, Rot13Settings).shift % 26
+
     def published_sources(self) -> dict[str, str]:
         return {WORDS: ""}
 
     def on_inference(self, job: Job[None]) -> None:
         if not isinstance(job.payload, str):
             raise UnitError(ErrorCode.JSON_FORMAT, "data: expected string")
-        result = rotate(job.payload, int(self.settings["rot13.shift"]) % 26)
+        result = rotate(job.payload, self.shift)
         self.publish(WORDS, data=result)
         if not job.task.stream_output:
             job.emit(result)
@@ -56,7 +60,7 @@ class Rot13Unit(Unit[None]):
     def on_chain(self, job: Job[None]) -> None:
         data = (job.payload or {}).get("data")
         if isinstance(data, str):
-            job.emit(rotate(data, int(self.settings["rot13.shift"]) % 26))
+            job.emit(rotate(data, self.shift))
 
     async def on_action(self, task: Task[None] | None, request: Request, route: bus.Route,
                         binary: bytes | None) -> Response | None:
