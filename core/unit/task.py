@@ -131,7 +131,7 @@ class Task(Generic[S]):
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
     closed: bool = False
-    state: S = field(init=False)  # absent until `load` returned it
+    state: S = field(init=False, repr=False)  # absent until `load` returned it
 
     @property
     def stream_output(self) -> bool:
