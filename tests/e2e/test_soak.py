@@ -4,8 +4,9 @@ abusive ones run, a unit and then sys are killed mid-way, and every process's me
 Well-behaved clients record every request they send and check every message they get: each must answer
 one of their own requests (nothing misrouted), and at the end every request has its answer (a reply, a
 stream's finish or an error). A prober pings every 20 ms while the abusers run: every ping is answered
-(its p50 and p99 are printed, not asserted: the machine is shared). The abusers: 4 MB of `{}` from a client that never reads, random brace-filled garbage, pings
-that are never read, and a client that leaves in the middle of its streams.
+(its p50 and p99 are printed, not asserted: the machine is shared). The abusers: 4 MB of `{}` from a
+client that never reads, random brace-filled garbage, pings that are never read, and a client that leaves
+in the middle of its streams.
 """
 from __future__ import annotations
 
