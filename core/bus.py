@@ -128,7 +128,7 @@ class Req(Message):
     binary: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.route is not None:
+        if self.route is not None and not isinstance(self.route, Route):
             self.route = Route(*self.route)  # a malformed route is a TypeError: BadMessage on decode
 
 
@@ -152,9 +152,10 @@ class Msg(Message):
     binary: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.route is not None:
+        # Decoded from the wire they are lists; a unit's own outputs already carry the records.
+        if self.route is not None and not isinstance(self.route, Route):
             self.route = Route(*self.route)
-        if self.owner is not None:
+        if self.owner is not None and not isinstance(self.owner, Owner):
             self.owner = Owner(*self.owner)
 
 
