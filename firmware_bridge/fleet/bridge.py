@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
-BUSY_RETRY_S = 0.05  # pause before a load-balanced request that found its board busy is offered again
+BUSY_RETRY_S = 0.25  # a load-balanced request that found its board busy is offered again this soon at the latest
 NOT_HERE = (ErrorCode.UNIT_CALL, ErrorCode.UNIT_NOT_EXIST, ErrorCode.TASK_FULL)  # a balanced request goes on
 ACK_AFTER_S = 0.1  # a request whose first answer takes longer is acknowledged on its own (else within that answer)
 
@@ -61,6 +61,8 @@ class Replier:
         self.ack: dict | None = {"accepted": board, "i": instance}
         self.n = 0
         self.last_sent = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ticking: asyncio.Task | None = None
 
     async def send(self, **body) -> None:
         if self.ack is not None:
@@ -71,12 +73,21 @@ class Replier:
         self.last_sent = time.monotonic()
         await self.req.respond(wire.pack(**body))
 
-    async def keep_alive(self, every: float) -> None:
-        await asyncio.sleep(ACK_AFTER_S)
-        while True:
+    def keep_alive(self, every: float) -> None:
+        """Tick while the request is open and quiet; a timer, not a task, as most requests end sooner."""
+        def due() -> None:
             if self.ack is not None or time.monotonic() - self.last_sent >= every:
-                await self.send(tick=True)
-            await asyncio.sleep(every)
+                self._ticking = asyncio.ensure_future(self.send(tick=True))
+            self._timer = loop.call_later(every, due)
+
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(ACK_AFTER_S, due)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._ticking is not None:
+            self._ticking.cancel()
 
 
 @dataclass
@@ -144,6 +155,8 @@ class FleetBridge:
         self._calls = itertools.count(1)
         self._replies: dict[str, asyncio.Queue] = {}
         self.imports: dict[str, LinkEnd] = {}  # remote sources local tasks take
+        self._frees: dict[str, int] = {}  # model subject -> slots announced free so far (unitbus.free.*)
+        self._freed: dict[str, asyncio.Event] = {}  # model subject -> set at the next such announcement
         self.exports: dict[str, LinkEnd] = {}  # local sources other boards take
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -173,6 +186,7 @@ class FleetBridge:
         await self.nc.subscribe(wire.sink_subject(self.board), cb=self._on_sink)
         await self.nc.subscribe(wire.link_subject(self.board), cb=self._on_link)
         await self.nc.subscribe(wire.UNLINK, cb=self._on_unlink)
+        await self.nc.subscribe(wire.free_subject("*"), cb=self._on_free)
         self.service = await add_service(self.nc, name=wire.SERVICE, version=VERSION,
                                          description="unitbus board", metadata={"board": self.board},
                                          stats_handler=self._endpoint_stats)
@@ -240,10 +254,15 @@ class FleetBridge:
 
     # presence ----------------------------------------------------------------------------------
     async def _alive_loop(self) -> None:
+        woke = time.monotonic()
         while True:
             if self.nc is not None and self.nc.is_connected:
                 await self.nc.publish(wire.alive_subject(self.board), wire.pack(i=self.instance))
             now = time.monotonic()
+            if now - woke > self.alive_s + WAIT_STEP_S:
+                # This process was held up (CPU starvation): announcements may be unread; judge next round.
+                for board, (instance, last) in list(self.seen.items()):
+                    self.seen[board] = (instance, max(last, now - self.alive_s))
             for board, (_, last) in list(self.seen.items()):
                 if now - last > self.liveness_s:
                     del self.seen[board]
@@ -251,6 +270,7 @@ class FleetBridge:
                     self._drop_origins(f"{board}/")
                     self._board_links_gone(board, f"board {board} stopped answering")
             await asyncio.sleep(self.alive_s)
+            woke = time.monotonic()
 
     async def _on_alive(self, msg) -> None:
         board = msg.subject.rsplit(".", 1)[1]
@@ -428,6 +448,7 @@ class FleetBridge:
         queue: asyncio.Queue = asyncio.Queue()
         self._replies[inbox] = queue
         last = time.monotonic()
+        quiet_steps = 0  # waits in a row that timed out: a stall of this process counts as one, not as silence
         taker = None
         expected = 0  # the number of the next answer
         finished = False
@@ -436,16 +457,19 @@ class FleetBridge:
                                                                         wire.CALL_HEADER: inbox})
             while True:
                 try:
-                    msg = await asyncio.wait_for(queue.get(), WAIT_STEP_S)
+                    # Answers already waiting are taken without a timed wait (its task and timer per message).
+                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), WAIT_STEP_S)
                 except asyncio.TimeoutError:  # nothing yet; is the taker still there?
-                    if time.monotonic() - last > self.liveness_s:  # (a cancel still goes out: it may come back)
+                    quiet_steps += 1
+                    if time.monotonic() - last > self.liveness_s and quiet_steps * WAIT_STEP_S >= self.liveness_s:
+                        # (a cancel still goes out: it may come back)
                         who = f"board {taker}" if taker else f"the board taking {subject}"
                         raise BoardGone(f"{who} stopped answering (silent for {self.liveness_s:g} s)") from None
                     continue
                 if msg.headers and msg.headers.get("Status") == "503":
                     finished = True
                     raise NoResponders(subject)
-                last = time.monotonic()
+                last, quiet_steps = time.monotonic(), 0
                 try:
                     reply_body = wire.unpack(msg.data)
                 except wire.WireError as exc:
@@ -456,10 +480,11 @@ class FleetBridge:
                     raise UnitError(ErrorCode.UNIT_CALL, f"answers of board {taker} were lost in transit "
                                                          "(a NATS server failed over); retry")
                 expected += 1
-                if reply_body.get("final"):
-                    finished = True
+                finished = bool(reply_body.get("final"))
+                if not finished or "response" in reply_body:
+                    yield reply_body
+                if finished:
                     return
-                yield reply_body
         finally:
             self._replies.pop(inbox, None)
             if not finished and self.nc.is_connected:
@@ -502,10 +527,12 @@ class FleetBridge:
                          input=data["input"], setup=data.get("setup") if isinstance(data.get("setup"), dict) else {})
         deadline = time.monotonic() + self.balance_wait_s
         work_id = request.work_id
+        subject = wire.model_subject(data["model"])
         while True:
             busy = yielded = False
+            frees = self._frees.get(subject, 0)
             try:
-                async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin):
+                async for reply_body in self._exchange(subject, body, origin):
                     if reply_body.get("busy"):
                         busy = True
                     elif "response" in reply_body:
@@ -526,7 +553,20 @@ class FleetBridge:
             if time.monotonic() > deadline:
                 raise UnitError(ErrorCode.QUEUE_FULL, f"every board serving {data['model']} stayed busy for "
                                                       f"{self.balance_wait_s:g} s")
-            await asyncio.sleep(BUSY_RETRY_S)
+            if self._frees.get(subject, 0) == frees:  # no slot came free meanwhile: wait for one (or a while)
+                freed = self._freed.setdefault(subject, asyncio.Event())
+                try:
+                    await asyncio.wait_for(freed.wait(), BUSY_RETRY_S)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _on_free(self, msg) -> None:
+        """A board finished a load-balanced inference: requests waiting for that model are offered again."""
+        subject = wire.model_subject_of_free(msg.subject)
+        self._frees[subject] = self._frees.get(subject, 0) + 1
+        freed = self._freed.pop(subject, None)
+        if freed is not None:
+            freed.set()
 
     async def _fleet_listing(self, request: Request, origin: str) -> Response:
         """sys.lstask / lsmode / hwinfo of every board: {board: data}; lstask's work_ids name their board."""
@@ -587,7 +627,8 @@ class FleetBridge:
     async def _serve_model(self, req, origin: str) -> None:
         """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
         replier = Replier(req, self.board, self.instance)
-        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
+        replier.keep_alive(self.alive_s)
+        ran = False
         try:
             await replier.send()  # taken at once: a model load may take long, and so may the first token
             try:
@@ -614,6 +655,7 @@ class FleetBridge:
                     await replier.send(final=True)
                     return
                 work_id = on_board(served.work_id, self.board)
+                ran = True
                 async for response in self.pool.stream(served, data, request_id, object, whole=True):
                     response.work_id = work_id
                     await replier.send(response=response.to_dict())
@@ -621,8 +663,10 @@ class FleetBridge:
                 await replier.send(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict())
             await replier.send(final=True)
         finally:
-            keeper.cancel()
+            replier.stop()
             self.balanced_running -= 1
+            if ran and self.nc is not None and self.nc.is_connected:  # a slot here is free again: say so
+                self.spawn(self.nc.publish(wire.free_subject(req.subject), b""))
 
     async def _on_cancel(self, msg) -> None:
         try:
@@ -652,12 +696,15 @@ class FleetBridge:
             return
         conn = self._conn_for(origin)
         replier = Replier(req, self.board, self.instance)
-        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
+        replier.keep_alive(self.alive_s)
         try:
-            async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
+            async for response, final in self.client.answers(request, conn, binary=body.get("binary")):
+                if response is None:
+                    await replier.send(final=True)
+                    continue
                 response.work_id = on_board(response.work_id, self.board)
-                await replier.send(response=response.to_dict())
-            await replier.send(final=True)
+                # The last answer carries `final` itself: one NATS message fewer per request.
+                await replier.send(response=response.to_dict(), **({"final": True} if final else {}))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -668,7 +715,7 @@ class FleetBridge:
                 await replier.send(response=failure.to_dict())
                 await replier.send(final=True)
         finally:
-            keeper.cancel()
+            replier.stop()
 
     def _conn_for(self, origin: str) -> int:
         conn = self.exported.get(origin)

@@ -33,6 +33,15 @@ def link_subject(board: str) -> str:
     return f"unitbus.link.{board}"
 
 
+def free_subject(model_subject_or_any: str) -> str:
+    """Where a board says it finished a load-balanced inference of a model (its model subject's last token)."""
+    return "unitbus.free." + model_subject_or_any.rsplit(".", 1)[-1]
+
+
+def model_subject_of_free(subject: str) -> str:
+    return "unitbus.model." + subject.rsplit(".", 1)[-1]
+
+
 def alive_subject(board: str) -> str:
     return f"unitbus.alive.{board}"
 
