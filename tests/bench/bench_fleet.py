@@ -1,18 +1,21 @@
 """The fleet over NATS: what crossing boards costs, measured against the same thing without it, in one run.
 
 - tok/s of a stream from a task on another board vs the same board's task asked locally (StackFlow TCP);
-- sys.ping p50 across boards (`sys@beta` from alpha's TCP port) vs a bare nats-py request-reply echo
-  between two processes on the same nats-server;
+- sys.ping p50 across boards vs a bare nats-py request-reply echo between two processes on the same
+  nats-server. The fair pairing is a nats-py client asking beta's service (`unitbus.board.beta`, what
+  alpha's bridge sends) vs that echo: what the fleet adds over NATS. The full path (alpha's StackFlow
+  TCP port -> alpha's bridge and sys -> NATS -> beta's bridge and sys, and back) is reported too;
 - 8 load-balanced streams (`llm@*`) over 2 boards vs over 1, aggregate tok/s.
 Every engine runs on --threads onnxruntime threads (1: this 2-core machine then has a core per board).
-Prints a table; asserts nothing.
+Prints a table with the load average at each figure (the machine is shared); asserts nothing.
 
-    python tests/bench/bench_fleet.py [--tokens 64] [--rounds 3] [--pings 500] [--threads 1]
+    python tests/bench/bench_fleet.py [--tokens 64] [--rounds 3] [--pings 500] [--threads 1] [--only ping]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -89,6 +92,59 @@ def ping_across(alpha, count: int) -> list[float]:
     return out
 
 
+def load() -> str:
+    return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def bus_ping(stack, count: int) -> list[float]:
+    """sys.ping from a bus client inside the board: the hop to sys that beta's bridge adds to the echo."""
+    from core import rundir
+    from core.client import BusClient
+    from core.envelope import Request
+
+    async def run() -> list[float]:
+        client = await BusClient(stack.endpoint, "bench", key=rundir.key(stack.run_dir)).start()
+        out = []
+        for n in range(count + 20):
+            started = time.perf_counter()
+            await client.request(Request("p", "sys", "ping"))
+            if n >= 20:
+                out.append(time.perf_counter() - started)
+        await client.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def service_ping(url: str, count: int) -> list[float]:
+    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer."""
+    import msgpack
+    import nats
+
+    async def run() -> list[float]:
+        nc = await nats.connect(url, token=TOKEN)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox + ".*")
+        body = msgpack.packb({"request": {"request_id": "p", "work_id": "sys", "action": "ping"}})
+        out = []
+        for n in range(count + 20):
+            call = f"{inbox}.{n}"
+            started = time.perf_counter()
+            await nc.publish("unitbus.board.beta", body, reply=call,
+                             headers={"Unitbus-Origin": "bench/00/1", "Unitbus-Call": call})
+            while True:
+                answer = msgpack.unpackb((await sub.next_msg(timeout=5)).data)
+                if answer.get("final"):
+                    break
+            if n >= 20:
+                out.append(time.perf_counter() - started)
+            assert answer.get("response", {}).get("error", {}).get("code", 0) == 0, answer
+        await nc.close()
+        return out
+
+    return asyncio.run(run())
+
+
 def bare_echo(url: str, count: int) -> list[float]:
     import nats
 
@@ -146,7 +202,9 @@ def main() -> None:
     parser.add_argument("--pings", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads of each board's engine")
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--only", choices=("all", "ping", "stream", "balance"), default="all")
     args = parser.parse_args()
+    wanted = {"all": {"ping", "stream", "balance"}}.get(args.only, {args.only})
 
     engine, bias = load_engine(1)
     del engine
@@ -155,15 +213,29 @@ def main() -> None:
     env = {"UNITBUS_THREADS": str(args.threads)}
     alpha = board(tmp / "alpha", "alpha", server.url, env=env).start(timeout=300)
     beta = None
+    loads: dict[str, str] = {}
     try:
         wait_joined(alpha, "alpha")
-        one_board, _ = balanced(alpha, args.streams, args.tokens, bias, 1)
+        if "balance" in wanted:
+            one_board, _ = balanced(alpha, args.streams, args.tokens, bias, 1)
+            loads["one"] = load()
         beta = board(tmp / "beta", "beta", server.url, env=env).start(timeout=300)
         wait_joined(alpha, "alpha", "beta")
-        two_boards, used = balanced(alpha, args.streams, args.tokens, bias, 2)
-        streams = remote_vs_local(alpha, beta, args.tokens, args.rounds, bias)
-        across = ping_across(alpha, args.pings)
-        echo = bare_echo(server.url, args.pings)
+        if "balance" in wanted:
+            two_boards, used = balanced(alpha, args.streams, args.tokens, bias, 2)
+            loads["two"] = load()
+        if "stream" in wanted:
+            streams = remote_vs_local(alpha, beta, args.tokens, args.rounds, bias)
+            loads["stream"] = load()
+        if "ping" in wanted:
+            # Interleaved in rounds so that the machine's load falls on each alike.
+            across, service, echo, hop = [], [], [], []
+            for _ in range(5):
+                across += ping_across(alpha, args.pings // 5)
+                service += service_ping(server.url, args.pings // 5)
+                echo += bare_echo(server.url, args.pings // 5)
+                hop += bus_ping(beta, args.pings // 5)
+            loads["ping"] = load()
     finally:
         if beta is not None:
             beta.stop(check=False)
@@ -172,21 +244,26 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M Q4_1, {args.threads} onnxruntime thread(s) per board, {args.tokens} new tokens, greedy, "
           f"best of {args.rounds}\n")
-    local = streams["local (beta's client)"]
-    print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}"
-          f"{'e2e tok/s':>11}{'x local':>9}")
-    for name, r in streams.items():
-        print(f"{name:<36}{r['tokens']:>7}{r['ttft_ms']:>10.1f}{r['decode_tps']:>14.1f}"
-              f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}"
-              f"{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
-    p50 = {"across": statistics.median(across) * 1000, "echo": statistics.median(echo) * 1000}
-    p99 = {name: sorted(v)[int(len(v) * 0.99)] * 1000 for name, v in (("across", across), ("echo", echo))}
-    print(f"\nsys.ping across boards (alpha TCP -> sys@beta), {args.pings} requests: p50 {p50['across']:.3f} ms, "
-          f"p99 {p99['across']:.3f} ms")
-    print(f"bare nats-py request-reply echo, same server:           p50 {p50['echo']:.3f} ms, p99 {p99['echo']:.3f} ms")
-    print(f"ratio p50 {p50['across'] / p50['echo']:.2f}x")
-    print(f"\n{args.streams} concurrent llm@* streams: over 1 board {one_board:.1f} tok/s, over 2 boards "
-          f"{two_boards:.1f} tok/s ({used}): {two_boards / one_board:.2f}x")
+    if "stream" in wanted:
+        local = streams["local (beta's client)"]
+        print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}"
+              f"{'e2e tok/s':>11}{'x local':>9}   ({loads['stream']})")
+        for name, r in streams.items():
+            print(f"{name:<36}{r['tokens']:>7}{r['ttft_ms']:>10.1f}{r['decode_tps']:>14.1f}"
+                  f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}"
+                  f"{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
+    if "ping" in wanted:
+        print(f"\nsys.ping, {len(echo)} requests each, interleaved ({loads['ping']})")
+        echo_p50 = statistics.median(echo) * 1000
+        for name, values in (("bare nats-py request-reply echo, same server", echo),
+                             ("nats-py client -> beta's service (sys of beta)", service),
+                             ("alpha's TCP client -> sys@beta (full path)", across),
+                             ("(a bus client inside beta -> its sys: no NATS)", hop)):
+            p50, p99 = statistics.median(values) * 1000, sorted(values)[int(len(values) * 0.99)] * 1000
+            print(f"{name:<48} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  {p50 / echo_p50:5.2f}x echo")
+    if "balance" in wanted:
+        print(f"\n{args.streams} concurrent llm@* streams: over 1 board {one_board:.1f} tok/s ({loads['one']}), "
+              f"over 2 boards {two_boards:.1f} tok/s ({used}, {loads['two']}): {two_boards / one_board:.2f}x")
 
 
 if __name__ == "__main__":
