@@ -359,6 +359,11 @@ class FleetBridge:
                 for tasks in list(self.forwarding.values()):
                     for task in tasks:
                         task.cancel()
+                # Every task is gone: so are the links across boards, at both ends.
+                for ref in list(self.imports):
+                    self._let_go(ref)
+                for end in list(self.exports.values()):
+                    self._source_down(end.source)
                 log.info("sys.reset: requests to other boards cancelled")
                 self.sock.send(bus.Control("reset_done", {"restart": False}))
 

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import os
 import signal
+import time
 
 import nats
 import numpy as np
@@ -91,6 +92,39 @@ def test_bad_remote_inputs_are_answered(skel_boards):
                            "data": {"model": "skel", "input": "sys.pcm@la"}})
         assert reply["error"]["code"] == -22, reply  # skel takes no audio, from here or elsewhere
         assert c.request({"request_id": "x", "work_id": up, "action": "exit"})["error"]["code"] == 0
+
+
+def setup_when_back(c: StackFlowClient, work_id: str, request_id: str, mode: str, input: str) -> str:
+    """skel's setup, again while the board's units restart after a sys.reset."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = c.request({"request_id": request_id, "work_id": work_id, "action": "setup",
+                           "data": {"model": "skel", "input": input, "enoutput": True, "mode": mode}}, timeout=30)
+        if reply["error"]["code"] == 0:
+            return reply["work_id"]
+        assert time.monotonic() < deadline, reply
+        time.sleep(0.2)
+
+
+def test_links_after_sys_reset_of_either_board(skel_boards):
+    a, _ = skel_boards
+    with StackFlowClient(a.port, timeout=30) as c:
+        up = skel(c, "skel", "up", "upper")
+        skel(c, "skel@lb", "down", "reverse", input=f"{up}@la")
+        assert c.request({"request_id": "r", "work_id": "sys@lb", "action": "reset"})["error"]["code"] == 0
+        again = setup_when_back(c, "skel@lb", "again", "reverse", f"{up}@la")
+        say(c, up, "ab")
+        assert c.read_for("again")["data"] == "BA"
+        # This board's reset: up is gone and numbers start over; lb lets go of the old up at once,
+        # so the new task of the same work_id is linked afresh (not to a stale import).
+        assert c.request({"request_id": "r", "work_id": "sys", "action": "reset"})["error"]["code"] == 0
+        new_up = setup_when_back(c, "skel", "up2", "lower", "skel.utf-8")
+        fresh = setup_when_back(c, "skel@lb", "fresh", "reverse", f"{new_up}@la")
+        say(c, new_up, "CD")
+        assert c.read_for("fresh")["data"] == "dc"
+        assert not [m for m in c.backlog if m["request_id"] == "again"], c.backlog  # again's link went with up
+        for work_id in (fresh, again, new_up):
+            c.request({"request_id": "x", "work_id": work_id, "action": "exit"})
 
 
 def test_a_board_killed_ends_its_links_with_an_error(skel_boards):
