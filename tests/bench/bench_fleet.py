@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 from bench_http import MESSAGES, MODEL, best, load_engine, measure  # noqa: E402
 from fleet_support import TOKEN, NatsServer, board, wait_joined  # noqa: E402
-from support import StackFlowClient  # noqa: E402
+from support import StackFlowClient, child_pids  # noqa: E402
 
 ECHO = r'''
 import asyncio, sys, nats
@@ -169,8 +169,34 @@ def bare_echo(url: str, count: int) -> list[float]:
         responder.wait()
 
 
-def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int) -> tuple[float, dict[str, int]]:
-    """Aggregate tok/s of `streams` concurrent llm@* streams sent from alpha; which boards ran them."""
+def cpu_seconds(stacks, server) -> dict[str, float]:
+    """CPU time used so far by the boards' llm units, by the rest of their processes (sys, bridges, the
+    other units) and by nats-server: what the fleet costs beside the engines, whatever the machine's load."""
+    out = {"llm units": 0.0, "sys, bridges, other units": 0.0, "nats-server": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    for stack in stacks:
+        for pid in [stack.proc.pid, *child_pids(stack.proc.pid)]:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            out["llm units" if b"units.llm" in argv else "sys, bridges, other units"] += used(pid)
+    out["nats-server"] = used(server.proc.pid)
+    return out
+
+
+def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int,
+             cpu) -> tuple[float, dict[str, int], dict[str, float]]:
+    """Aggregate tok/s of `streams` concurrent llm@* streams sent from alpha; which boards ran them; the
+    CPU ms per token of each kind of process (cpu_seconds)."""
     data = {"model": MODEL, "input": chat(tokens, bias)}
     boards: dict[str, int] = {}
     total = 0
@@ -181,6 +207,7 @@ def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int)
                     "object": "llm.chat_completion", "data": {**data, "input": chat(4, bias)}})
         for n in range(boards_expected):
             c.stream(f"warm{n}")
+        before = cpu()
         started = time.perf_counter()
         for n in range(streams):
             c.send({"request_id": f"b{n}", "work_id": "llm@*", "action": "inference",
@@ -192,7 +219,8 @@ def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int)
             name = chunks[0]["work_id"].rsplit("@", 1)[1]
             boards[name] = boards.get(name, 0) + 1
         elapsed = time.perf_counter() - started
-    return total / elapsed, boards
+    after = cpu()
+    return total / elapsed, boards, {k: (after[k] - before[k]) * 1000 / total for k in after}
 
 
 def main() -> None:
@@ -203,6 +231,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads of each board's engine")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--only", choices=("all", "ping", "stream", "balance"), default="all")
+    parser.add_argument("--balance-rounds", type=int, default=3,
+                        help="1-board and 2-board runs alternate this many times (the shared machine's load moves)")
     args = parser.parse_args()
     wanted = {"all": {"ping", "stream", "balance"}}.get(args.only, {args.only})
 
@@ -214,16 +244,24 @@ def main() -> None:
     alpha = board(tmp / "alpha", "alpha", server.url, env=env).start(timeout=300)
     beta = None
     loads: dict[str, str] = {}
+    rounds: list[tuple] = []
     try:
         wait_joined(alpha, "alpha")
-        if "balance" in wanted:
-            one_board, _ = balanced(alpha, args.streams, args.tokens, bias, 1)
-            loads["one"] = load()
-        beta = board(tmp / "beta", "beta", server.url, env=env).start(timeout=300)
+        for n in range(args.balance_rounds if "balance" in wanted else 0):
+            one_board, _, one_cpu = balanced(alpha, args.streams, args.tokens, bias, 1,
+                                             lambda: cpu_seconds([alpha], server))
+            one_load = load()
+            beta = board(tmp / f"beta{n}", "beta", server.url, env=env).start(timeout=300)
+            wait_joined(alpha, "alpha", "beta")
+            two_boards, used, two_cpu = balanced(alpha, args.streams, args.tokens, bias, 2,
+                                                 lambda stacks=[alpha, beta]: cpu_seconds(stacks, server))
+            rounds.append((one_board, one_load, two_boards, load(), used, one_cpu, two_cpu))
+            if n < args.balance_rounds - 1:
+                beta.stop(check=False)
+                beta = None
+        if beta is None:
+            beta = board(tmp / "beta", "beta", server.url, env=env).start(timeout=300)
         wait_joined(alpha, "alpha", "beta")
-        if "balance" in wanted:
-            two_boards, used = balanced(alpha, args.streams, args.tokens, bias, 2)
-            loads["two"] = load()
         if "stream" in wanted:
             streams = remote_vs_local(alpha, beta, args.tokens, args.rounds, bias)
             loads["stream"] = load()
@@ -261,9 +299,16 @@ def main() -> None:
                              ("(a bus client inside beta -> its sys: no NATS)", hop)):
             p50, p99 = statistics.median(values) * 1000, sorted(values)[int(len(values) * 0.99)] * 1000
             print(f"{name:<48} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  {p50 / echo_p50:5.2f}x echo")
-    if "balance" in wanted:
-        print(f"\n{args.streams} concurrent llm@* streams: over 1 board {one_board:.1f} tok/s ({loads['one']}), "
-              f"over 2 boards {two_boards:.1f} tok/s ({used}, {loads['two']}): {two_boards / one_board:.2f}x")
+    if rounds:
+        print(f"\n{args.streams} concurrent llm@* streams, aggregate tok/s, 1 and 2 boards alternating:")
+        for one_board, one_load, two_boards, two_load, used, one_cpu, two_cpu in rounds:
+            print(f"  over 1 board {one_board:6.1f} ({one_load})   over 2 boards {two_boards:6.1f} ({used}, {two_load})"
+                  f"   {two_boards / one_board:.2f}x")
+            for name, cpu in (("1 board", one_cpu), ("2 boards", two_cpu)):
+                print(f"    CPU ms per token, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        one = statistics.median(r[0] for r in rounds)
+        two = statistics.median(r[2] for r in rounds)
+        print(f"  median: {one:.1f} vs {two:.1f} tok/s: {two / one:.2f}x")
 
 
 if __name__ == "__main__":
