@@ -99,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "http.max_inflight_per_key": 0,
     "http.max_inflight_per_ip": 0,
     "http.header_timeout_s": 10.0,  # a connection whose request headers take longer is closed
+    "http.body_timeout_s": 60.0,  # a request body not all received this long after its headers: 408
     "http.truncate_history": "",
     "http.openai.project": "unitbus",
     "http.openai.dbc_fields": True,
