@@ -76,7 +76,9 @@ class Replier:
     def keep_alive(self, every: float) -> None:
         """Tick while the request is open and quiet; a timer, not a task, as most requests end sooner."""
         def due() -> None:
-            if self.ack is not None or time.monotonic() - self.last_sent >= every:
+            # Quiet for half a period already: tick now, so that answers are never further apart than
+            # 1.5 periods (a check finding it quiet for just under one would leave a gap of two).
+            if self.ack is not None or time.monotonic() - self.last_sent >= every / 2:
                 self._ticking = asyncio.ensure_future(self.send(tick=True))
             self._timer = loop.call_later(every, due)
 
