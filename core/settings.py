@@ -134,6 +134,10 @@ DEFAULTS: dict[str, Any] = {
     "fleet.url": "",  # nats://host:port of a NATS server (comma-separated for a cluster)
     "fleet.serve": False,  # also run a nats-server on this board (on fleet.listen)
     "fleet.listen": "127.0.0.1:4222",
+    "fleet.hub": "",  # nats-leaf://host:7422 of a hub (comma-separated): the served nats-server is its leaf node
+    "fleet.leaf_listen": "",  # host:port where the served nats-server accepts leaf nodes (it is a hub)
+    "fleet.leaf_user": "unitbus",  # leaf node credentials, both ends (or the nkey of fleet.nkey_seed)
+    "fleet.leaf_password": "",
     "fleet.board": "",  # this board's name in work_ids (llm@kitchen); empty: the host name
     "fleet.token": "",  # NATS token; a served nats-server requires it
     "fleet.nkey_seed": "",  # file of an nkey seed (SU...); a served nats-server accepts its public key

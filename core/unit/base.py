@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Coroutine, Generic
 from core import bus, logs, notify
 from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
-from core.ids import ObjectType, WorkId, is_task_id
+from core.ids import ObjectType, WorkId, is_task_ref, split_board
 from core.manifest import ManifestStore, merge_params
 from core.runtime import return_memory_to_os
 from core.settings import Settings, load_for_process
@@ -367,11 +367,10 @@ class Unit(Session, Generic[S]):
                              enoutput=bool(params["enoutput"]), owner=route.owner,
                              last_request_id=request.request_id, exit_on_disconnect=bool(params["exit_on_disconnect"]))
         for entry in inputs:
-            if is_task_id(entry):
+            if is_task_ref(entry):
                 self._link(task, entry, snapshot)
             else:
-                task.sources.add(check_source(entry, self.input_sources))
-                task.inputs.append(entry)
+                self._add_source(task, entry)
         published = (message.ctx or {}).get("sources", {})
         for source in self._published_inputs(task):
             if source not in published:
@@ -423,6 +422,14 @@ class Unit(Session, Generic[S]):
         slots = "slot" if self.max_tasks == 1 else "slots"
         return UnitError(ErrorCode.TASK_FULL, f"{self.max_tasks} {self.name} {slots} held by {holders}")
 
+    def _add_source(self, task: Task[S], entry: str) -> None:
+        token, board = check_source(entry, self.input_sources, self.subscribes.values())
+        if board is not None:  # another board's microphone (`sys.pcm@mic`), imported by the fleet bridge as a task
+            task.upstream[entry] = token
+        else:
+            task.sources.add(token)
+        task.inputs.append(entry)
+
     def _link(self, task: Task[S], upstream: Any, snapshot: dict[str, dict[str, Any]]) -> None:
         """Subscribe the task to an upstream task's outputs, checked against the unit and the manifests."""
         if isinstance(upstream, str) and upstream in task.upstream:
@@ -470,6 +477,9 @@ class Unit(Session, Generic[S]):
         self.enqueue(task, Job(self, task, request.request_id, request.object, payload, route=route))
 
     def _chain(self, message: bus.Chain) -> None:
+        local = split_board(message.src)[0]
+        if local in self.subscribes.values():
+            message.src = local  # another board's microphone is a microphone to the task that took it
         if not message.dst:
             try:
                 self.on_sink(message.src, message.response, message.binary)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, Iterable
 
 from core.envelope import NONE
 from core.errors import ErrorCode, UnitError
-from core.ids import ObjectType, is_task_id
+from core.ids import ObjectType, is_task_ref, split_board
 from core.manifest import Manifest
 
 
@@ -17,19 +17,21 @@ def source_token(entry: str) -> str:
     return entry.split(".", 1)[0]
 
 
-def check_source(entry: str, accepted: frozenset[str]) -> str:
-    """The token of an input entry this unit takes, else -19 naming the entry."""
-    token = source_token(entry)
-    if token not in accepted:
+def check_source(entry: str, accepted: frozenset[str], subscribed: Iterable[str]) -> tuple[str, str | None]:
+    """The token of a non-task input entry this unit takes, and the board when it names another board's
+    published source (`sys.pcm@mic`: only a source the unit subscribes to); else -19 naming the entry."""
+    local, board = split_board(entry)
+    token = source_token(local)
+    if token not in accepted or (board is not None and local not in subscribed):
         raise UnitError(ErrorCode.UNSUPPORTED_LINK, entry)
-    return token
+    return token, board
 
 
 def check_link(work_id: str, upstream: Any, unit_name: str, link_kinds: frozenset[str], manifest: Manifest,
                snapshot: dict[str, dict[str, Any]]) -> str:
     """The unit kind of an upstream task `work_id` may link to, checked against the units and the
     manifests (spec §12: the upstream's output type must be one the downstream model takes)."""
-    if not isinstance(upstream, str) or not is_task_id(upstream):
+    if not isinstance(upstream, str) or not is_task_ref(upstream):
         raise UnitError(ErrorCode.LINK_FALSE)
     if upstream == work_id:
         raise UnitError(ErrorCode.UNSUPPORTED_LINK, f"{upstream} cannot link to itself")

@@ -194,9 +194,12 @@ def test_links_are_checked_against_units_and_manifests():
         with pytest.raises(UnitError) as caught:
             check_link("llm.1003", upstream, "llm", frozenset({"asr"}), manifest, snapshot)
         assert caught.value.code == code, upstream
-    assert check_source("sys.pcm", frozenset({"sys"})) == "sys"
-    with pytest.raises(UnitError):
-        check_source("llm.utf-8", frozenset({"sys"}))
+    assert check_source("sys.pcm", frozenset({"sys"}), ["sys.pcm"]) == ("sys", None)
+    assert check_source("sys.pcm@mic", frozenset({"sys"}), ["sys.pcm"]) == ("sys", "mic")
+    for entry in ("llm.utf-8", "sys.other@mic", "sys.pcm@bad board"):
+        with pytest.raises(UnitError) as caught:
+            check_source(entry, frozenset({"sys"}), ["sys.pcm"])
+        assert caught.value.message.endswith(entry)
 
 
 def test_a_linked_task_gets_the_upstream_outputs_in_order():
