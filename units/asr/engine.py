@@ -63,7 +63,7 @@ class _Model:
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
     from tokenizers import Tokenizer
 
-    from core.runtime import create_session
+    from core.runtime import create_session, return_memory_to_os
 
     config = json.loads((cache / "config.json").read_text())
     options = {"session.intra_op.allow_spinning": "1" if spin else "0"}
@@ -78,10 +78,15 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
     feed["mel"] = np.zeros((1, dims["n_mels"], FULL_WINDOW_FRAMES), dtype=np.float32)
     names = [o.name for o in encoder.get_outputs()]
     silence = dict(zip(names, encoder.run(names, feed)))
+    decoder = create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
+                             shapes_vary=True, arena=False)
+    # The weights are memory-mapped (models/whisper_ct2.py): the pages read to repack them, and the
+    # token table's, need not stay resident; those used again are read back from the file.
+    for name in ("encoder.onnx.data", "decoder.onnx.data"):
+        return_memory_to_os(cache / name)
     return _Model(
         encoder=encoder,
-        decoder=create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
-                               shapes_vary=True, arena=False),
+        decoder=decoder,
         tokenizer=Tokenizer.from_file(str(cache / "tokenizer.json")),
         dims=dims,
         suppress=np.asarray(config.get("suppress_ids", []), dtype=np.int64),

@@ -44,7 +44,8 @@ def test_quantize_nbits8_roundtrip():
 
 def test_manifest_converts_and_cache_is_reused(manifest, source):
     out = whisper_ct2.convert_manifest(manifest)
-    assert {"encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json", "dims.json", "build.json"} <= {p.name for p in out.iterdir()}
+    assert {"encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data", "tokenizer.json", "config.json",
+            "dims.json", "build.json"} <= {p.name for p in out.iterdir()}
     assert whisper_ct2.cache_is_current(out, source, "int8")
     assert not whisper_ct2.cache_is_current(out, source, "fp32")
     stamp = (out / "decoder.onnx").stat().st_mtime_ns
