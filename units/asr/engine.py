@@ -57,7 +57,7 @@ class _Model:
     suppress: np.ndarray
     suppress_begin: np.ndarray
     encoder_outputs: list[str]
-    silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window
+    silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window (fp16)
 
 
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
@@ -77,7 +77,8 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
             for i in range(dims["enc_layers"]) for kind in "kv"}
     feed["mel"] = np.zeros((1, dims["n_mels"], FULL_WINDOW_FRAMES), dtype=np.float32)
     names = [o.name for o in encoder.get_outputs()]
-    silence = dict(zip(names, encoder.run(names, feed)))
+    # Kept in fp16 (half of 37 MB for tiny): padding frames' K/V, cast back to fp32 for each window.
+    silence = {name: value.astype(np.float16) for name, value in zip(names, encoder.run(names, feed))}
     decoder = create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
                              shapes_vary=True, arena=False)
     # The weights are memory-mapped (models/whisper_ct2.py): the pages read to repack them, and the
@@ -151,10 +152,12 @@ class AsrEngine:
         n = mel.shape[-1] // 2
         # The frames past the window get what a silent 30 s window gives them, at every encoder layer
         # and in the cross-attention: encoder and decoder attend over Whisper's usual 1500 positions.
-        feed = {"tail_" + name[len("self_"):]: value[:, :, n:] for name, value in m.silence.items() if name.startswith("self_")}
+        feed = {"tail_" + name[len("self_"):]: value[:, :, n:].astype(np.float32)
+                for name, value in m.silence.items() if name.startswith("self_")}
         feed["mel"] = mel
         cross = m.encoder.run(m.encoder_outputs, feed)
-        feed = {name: np.concatenate([c, m.silence[name][:, :, n:]], axis=2) for name, c in zip(m.encoder_outputs, cross)}
+        feed = {name: np.concatenate([c, m.silence[name][:, :, n:]], axis=2, dtype=np.float32)
+                for name, c in zip(m.encoder_outputs, cross)}
         for i in range(m.dims["dec_layers"]):
             empty = np.zeros((1, m.dims["dec_heads"], 0, m.dims["d_model"] // m.dims["dec_heads"]), dtype=np.float32)
             feed[f"past_k_{i}"] = feed[f"past_v_{i}"] = empty
