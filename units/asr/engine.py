@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.shared import Share, load_alone
+from models.bpe_tables import PieceTable
 
 from .mel import HOP, SAMPLE_RATE, log_mel, pcm_to_float
 
@@ -52,7 +53,7 @@ class _Model:
 
     encoder: Any
     decoder: Any
-    tokenizer: Any
+    tokenizer: PieceTable
     dims: dict[str, int]
     suppress: np.ndarray
     suppress_begin: np.ndarray
@@ -61,8 +62,6 @@ class _Model:
 
 
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
-    from tokenizers import Tokenizer
-
     from core.runtime import create_session, return_memory_to_os
 
     config = json.loads((cache / "config.json").read_text())
@@ -88,7 +87,7 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
     return _Model(
         encoder=encoder,
         decoder=decoder,
-        tokenizer=Tokenizer.from_file(str(cache / "tokenizer.json")),
+        tokenizer=PieceTable(cache / "tokenizer.npz"),
         dims=dims,
         suppress=np.asarray(config.get("suppress_ids", []), dtype=np.int64),
         suppress_begin=np.asarray(config.get("suppress_ids_begin", []), dtype=np.int64),
@@ -144,7 +143,7 @@ class AsrEngine:
         if len(pcm) < HOP:
             return ""
         tokens = self.decode(self.features(pcm))
-        return self._m.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return self._m.tokenizer.decode(tokens).strip()
 
     def decode(self, mel: np.ndarray) -> list[int]:
         """Greedy text tokens for an encoder input, [] when the no-speech rule skips it."""
