@@ -87,7 +87,7 @@ def limit_malloc_arenas() -> None:
 
     glibc gives each new thread its own arena, up to 8 per core, and a freed block can only be reused by
     the arena it came from: onnxruntime's pool threads and the unit's job threads then each keep their
-    own high-water mark. Measured on the voice chain after 8 questions: asr 233 -> 203 MB PSS, tts 203 -> 178.
+    own high-water mark. Measured on the voice chain after 8 questions: asr 233 -> 203 MB PSS.
     An explicit MALLOC_ARENA_MAX in the environment wins.
     """
     libc = _glibc()
