@@ -72,8 +72,8 @@ class Decoding:
     """Answers streamed back to back from the llm unit on its own TCP client, in a thread, until stopped;
     records each answer's decode span (first delta to finish) and rate."""
 
-    def __init__(self, port: int, tokens: int, bias: dict[str, float]):
-        self.port, self.tokens, self.bias = port, tokens, bias
+    def __init__(self, port: int, tokens: int, bias: dict[str, float], spin: bool):
+        self.port, self.tokens, self.bias, self.spin = port, tokens, bias, spin
         self.spans: list[tuple[float, float]] = []
         self.rates: list[float] = []
         self.error: BaseException | None = None
@@ -94,8 +94,8 @@ class Decoding:
     def _run(self) -> None:
         try:
             with StackFlowClient(self.port, timeout=300) as c:
-                work_id = voiceaudio.setup(c, "llm", {"model": MODEL, "response_format": "llm.utf-8.stream",
-                                                      "enoutput": True, "max_token_len": self.tokens}, timeout=300)["work_id"]
+                work_id = voiceaudio.setup(c, "llm", {"model": MODEL, "response_format": "llm.utf-8.stream", "enoutput": True,
+                                                      "max_token_len": self.tokens, "spin": self.spin}, timeout=300)["work_id"]
                 n = 0
                 while True:
                     rate, span = stream_answer(c, work_id, f"d{n}", self.tokens, self.bias)
@@ -172,6 +172,7 @@ def main() -> None:
     ap = peer_arguments(__doc__, "measured generations per peer process (median)")
     ap.add_argument("--rounds", type=int, default=3, help="turns of each side (best)")
     ap.add_argument("--trials", type=int, default=8, help="wake-word clips per condition")
+    ap.add_argument("--no-spin", action="store_true", help="the llm unit's onnxruntime threads do not spin (setup spin:false)")
     ap.set_defaults(tokens=256)
     args = ap.parse_args()
     if ran_as_child(args, child_unitbus, child_peer):
@@ -199,14 +200,14 @@ def main() -> None:
             assert reply["error"]["code"] == 0, reply
             idle = wake_trials(c, clips)
             with StackFlowClient(stack.port, timeout=300) as lc:
-                llm = voiceaudio.setup(lc, "llm", {"model": MODEL, "response_format": "llm.utf-8.stream",
-                                                   "enoutput": True, "max_token_len": args.tokens}, "l", 300)["work_id"]
+                llm = voiceaudio.setup(lc, "llm", {"model": MODEL, "response_format": "llm.utf-8.stream", "enoutput": True,
+                                                   "max_token_len": args.tokens, "spin": not args.no_spin}, "l", 300)["work_id"]
                 stream_answer(lc, llm, "warm", 8, bias)  # the model's first run is not measured
                 for n in range(args.rounds):
                     ours.append(stream_answer(lc, llm, f"r{n}", args.tokens, bias)[0])
                     peer.append(run_child(args.peer_python, "peer", args, gguf)["decode_tps"])
                 lc.request({"request_id": "x", "work_id": llm, "action": "exit"})
-            with Decoding(stack.port, args.tokens, bias) as d:
+            with Decoding(stack.port, args.tokens, bias, not args.no_spin) as d:
                 busy = wake_trials(c, clips)
             if d.error:
                 raise d.error
@@ -218,7 +219,8 @@ def main() -> None:
     model, flags = cpu_facts()
     print(f"cpu: {model}, {os.cpu_count()} cores, avx2={'avx2' in flags}, avx512f={'avx512f' in flags}; "
           f"load average {load:.1f}")
-    print(f"background: audio (looping WAV as the microphone), vad, kws listening; {args.threads} threads per side")
+    print(f"background: audio (looping WAV as the microphone), vad, kws listening; {args.threads} threads per side, "
+          f"llm unit's threads {'sleeping' if args.no_spin else 'spinning'} between ops")
     print(f"\nllm decode under the background, {args.tokens} greedy tokens, best of {args.rounds}")
     print(f"{'side':<38}{'tok/s':>8}{'runs':>6}")
     print(f"{'unitbus llm unit over TCP':<38}{max(ours):>8.1f}{len(ours):>6}")
