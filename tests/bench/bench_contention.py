@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "e2e" / "voice"))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent))  # the repo first: tests/units must not shadow the units package
-from bench_llm import converted_gguf, cpu_facts, peer_arguments, ran_as_child, run_child, child_peer, child_unitbus  # noqa: E402
+from bench_llm import converted_gguf, cpu_facts, peer_arguments, run_child  # noqa: E402
 from support import Stack, StackFlowClient  # noqa: E402
 import voiceaudio  # noqa: E402
 
@@ -175,8 +175,6 @@ def main() -> None:
     ap.add_argument("--no-spin", action="store_true", help="the llm unit's onnxruntime threads do not spin (setup spin:false)")
     ap.set_defaults(tokens=256)
     args = ap.parse_args()
-    if ran_as_child(args, child_unitbus, child_peer):
-        return
     gguf = converted_gguf()
     from models.gguf_llama import default_out_dir
 
