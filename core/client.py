@@ -121,6 +121,13 @@ class BusClient:
     async def stream(self, request: Request, conn: int = 0, binary: bytes | None = None,
                      timeout: float | None = None) -> AsyncIterator[Response]:
         """Every message the request produces, until the final one."""
+        async for response, _ in self.answers(request, conn, binary, timeout):
+            if response is not None:
+                yield response
+
+    async def answers(self, request: Request, conn: int = 0, binary: bytes | None = None,
+                      timeout: float | None = None) -> AsyncIterator[tuple[Response | None, bool]]:
+        """stream(), each message with whether it is the last (which a bare final carries as None)."""
         queue: Waiter = asyncio.Queue()
         tag = next(self._tags)
         self._waiters[tag] = queue
@@ -130,8 +137,8 @@ class BusClient:
             self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
             while True:
                 response, final = await asyncio.wait_for(queue.get(), timeout)
-                if response is not None:
-                    yield response
+                if response is not None or final:
+                    yield response, final
                 if final:
                     return
         finally:

@@ -57,6 +57,12 @@ def is_task_id(text: str) -> bool:
     return TASK_ID.fullmatch(text) is not None
 
 
+def is_task_ref(text: str) -> bool:
+    """What `input` and `link` may name: a task here ('asr.1001') or on a board ('asr.1001@mic')."""
+    local, board = split_board(text)
+    return is_task_id(local) and board not in ("", ANY_BOARD)
+
+
 @dataclass(frozen=True)
 class ObjectType:
     namespace: str

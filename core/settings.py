@@ -99,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "http.max_inflight_per_key": 0,
     "http.max_inflight_per_ip": 0,
     "http.header_timeout_s": 10.0,  # a connection whose request headers take longer is closed
+    "http.body_timeout_s": 60.0,  # a request body not all received this long after its headers: 408
     "http.truncate_history": "",
     "http.openai.project": "unitbus",
     "http.openai.dbc_fields": True,
@@ -132,6 +133,10 @@ DEFAULTS: dict[str, Any] = {
     "fleet.url": "",  # nats://host:port of a NATS server (comma-separated for a cluster)
     "fleet.serve": False,  # also run a nats-server on this board (on fleet.listen)
     "fleet.listen": "127.0.0.1:4222",
+    "fleet.hub": "",  # nats-leaf://host:7422 of a hub (comma-separated): the served nats-server is its leaf node
+    "fleet.leaf_listen": "",  # host:port where the served nats-server accepts leaf nodes (it is a hub)
+    "fleet.leaf_user": "unitbus",  # leaf node credentials, both ends (or the nkey of fleet.nkey_seed)
+    "fleet.leaf_password": "",
     "fleet.board": "",  # this board's name in work_ids (llm@kitchen); empty: the host name
     "fleet.token": "",  # NATS token; a served nats-server requires it
     "fleet.nkey_seed": "",  # file of an nkey seed (SU...); a served nats-server accepts its public key

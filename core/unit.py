@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Coroutine
 from core import bus, logs, notify
 from core.envelope import NONE, Request, Response, error_reply, reply, stream_data
 from core.errors import ErrorCode, UnitError
-from core.ids import ObjectType, WorkId, is_task_id
+from core.ids import ObjectType, WorkId, is_task_ref, split_board
 from core.manifest import Manifest, ManifestStore, merge_params
 from core.microphone import PCM_SOURCE, capture_mode
 from core.runtime import limit_malloc_arenas, return_memory_to_os
@@ -531,7 +531,7 @@ class Unit:
                     owner=[route[0], route[2]] if route else None, last_request_id=request.request_id,
                     exit_on_disconnect=bool(params["exit_on_disconnect"]))
         for entry in inputs:
-            if is_task_id(entry):
+            if is_task_ref(entry):
                 self._link(task, entry, snapshot)
             else:
                 self._add_source(task, entry)
@@ -584,15 +584,20 @@ class Unit:
         return UnitError(ErrorCode.TASK_FULL, f"{self.max_tasks} {self.name} {slots} held by {holders}")
 
     def _add_source(self, task: Task, entry: str) -> None:
-        token = entry.split(".", 1)[0]
-        if token not in self.input_sources:
+        local, board = split_board(entry)
+        token = local.split(".", 1)[0]
+        if token not in self.input_sources or (board is not None and local != PCM_SOURCE):
             raise UnitError(ErrorCode.UNSUPPORTED_LINK, entry)
+        if board is not None:  # another board's microphone (`sys.pcm@mic`), imported by the fleet bridge
+            task.upstream[entry] = token
+            task.inputs.append(entry)
+            return
         task.sources.add(token)
         task.inputs.append(entry)
 
     def _link(self, task: Task, upstream: Any, snapshot: dict[str, dict[str, Any]]) -> None:
         """Subscribe the task to an upstream task's outputs, checked against the unit and the manifests."""
-        if not isinstance(upstream, str) or not is_task_id(upstream):
+        if not isinstance(upstream, str) or not is_task_ref(upstream):
             raise UnitError(ErrorCode.LINK_FALSE)
         if upstream in task.upstream:
             return
@@ -661,6 +666,8 @@ class Unit:
         self.enqueue(task, job)
 
     def _chain(self, message: bus.Chain) -> None:
+        if split_board(message.src)[0] == PCM_SOURCE:
+            message.src = PCM_SOURCE  # another board's microphone is a microphone to the task that took it
         if not message.dst:
             try:
                 self.on_sink(message.src, message.response, message.binary)

@@ -1,6 +1,7 @@
 """Fleet test helpers: a real nats-server on a loopback port, and `unitbus up` stacks (boards) that join it."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -95,19 +96,28 @@ def pid_of_module(stack: Stack, module: str) -> int:
 
 
 class NatsCluster:
-    """Three nats-servers routed into one cluster on loopback ports, each with its monitoring port."""
+    """Three nats-servers routed into one cluster on loopback ports, each with its monitoring port, and
+    (with `leaf_password`) a port accepting leaf nodes that present it."""
 
-    def __init__(self, tmp: Path, token: str = TOKEN, size: int = 3):
+    def __init__(self, tmp: Path, token: str = TOKEN, size: int = 3, leaf_password: str = ""):
         self.ports = [free_port() for _ in range(size)]
         self.routes = [free_port() for _ in range(size)]
         self.monitors = [free_port() for _ in range(size)]
+        self.leaf_ports = [free_port() for _ in range(size)] if leaf_password else []
+        self.leaf_url = ",".join(f"nats-leaf://127.0.0.1:{p}" for p in self.leaf_ports)
         self.url = ",".join(f"nats://127.0.0.1:{p}" for p in self.ports)
         self.procs: list[subprocess.Popen] = []
         routes = ",".join(f"nats://127.0.0.1:{r}" for r in self.routes)
         for n in range(size):
             log = tmp / f"nats{n}.log"
+            conf: list[str] = []
+            if leaf_password:  # nats-server has no command-line flags for leaf nodes
+                (tmp / f"nats{n}.conf").write_text(json.dumps({"leafnodes": {
+                    "listen": f"127.0.0.1:{self.leaf_ports[n]}",
+                    "authorization": {"user": "unitbus", "password": leaf_password}}}))
+                conf = ["-c", str(tmp / f"nats{n}.conf")]
             self.procs.append(subprocess.Popen([
-                server_binary(), "-a", "127.0.0.1", "-p", str(self.ports[n]), "--auth", token, "-m",
+                server_binary(), *conf, "-a", "127.0.0.1", "-p", str(self.ports[n]), "--auth", token, "-m",
                 str(self.monitors[n]), "--name", f"n{n}", "--cluster_name", "fleet", "--cluster",
                 f"nats://127.0.0.1:{self.routes[n]}", "--routes", routes, "-l", str(log)]))
         deadline = time.monotonic() + 20
@@ -125,6 +135,11 @@ class NatsCluster:
             return self._get(n, "/routez")["num_routes"] >= len(self.procs) - 1
         except Exception:  # not listening yet
             return False
+
+    def leaf_nodes(self) -> list[str]:
+        """The names of the leaf node servers connected to the cluster."""
+        return sorted(leaf.get("name", "") for n, proc in enumerate(self.procs) if proc.poll() is None
+                      for leaf in self._get(n, "/leafz").get("leafs", []))
 
     def server_of(self, client_name: str) -> int:
         """The server a client (by connection name) is connected to."""

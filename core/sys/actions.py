@@ -27,6 +27,7 @@ from core.errors import FILE_MISSING, ErrorCode, UnitError
 from core.ids import ObjectType
 from core.manifest import ManifestStore
 from core.streams import StreamAssembler, parse_chunk
+from core.sys.fleet import FLEET_UNIT
 
 if TYPE_CHECKING:
     from core.sys.broker import Broker, Origin, UnitRecord
@@ -112,7 +113,9 @@ class SysActions:
         return reply(request, "sys", data=[m.data for m in manifests], object="sys.lsmode")
 
     def do_lstask(self, origin: "Origin", request: Request, binary: bytes | None) -> Response:
-        tasks = sorted(self.broker.tasks.values(), key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
+        # The fleet bridge's link ends (sources imported from other boards) are not tasks of this board.
+        tasks = sorted((t for t in self.broker.tasks.values() if FLEET_UNIT not in t.unit.names),
+                       key=lambda t: int(t.work_id.rsplit(".", 1)[1]))
         data = [{**t.info, "work_id": t.work_id} for t in tasks]
         return reply(request, "sys", data=data, object="sys.lstask")
 

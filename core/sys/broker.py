@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from core.errors import ErrorCode
 from core.ids import WorkId
 from core.microphone import PCM_SOURCE
 from core.settings import Settings
-from core.sys.fleet import FLEET_UNIT, fleet_timeout, wants_fleet
+from core.sys.fleet import FLEET_UNIT, IMPORT, IMPORT_DONE, IMPORTED, fleet_timeout, remote_inputs, wants_fleet
 from core.sys.links import LinkDirectory
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Inflight:
     error_work_id: str  # the work_id an error answer carries (bare unit name for setup, spec §4.4)
     rewrite: dict[str, Any] | None = None  # unit_call: reply as sys, echoing the request's object
     assigned: str | None = None  # the work_id a setup will create
+    imports: list[str] = field(default_factory=list)  # remote sources brought here for it (a setup or link)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -98,6 +100,9 @@ class Broker:
         self.sock: bus.RouterSocket | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._pcm_subscribers = 0
+        self._proxy_subscribers: dict[str, int] = {}  # the fleet bridge's link ends -> their subscriber counts
+        self.importing: dict[int, tuple[bytes, bus.Req]] = {}  # setups/links waiting for remote sources
+        self._import_keys = itertools.count(1)
         self.abandoned: set[str] = set()  # setups answered with a timeout: their tasks are not wanted
         self._hello_sent: dict[bytes, float] = {}  # unknown peers asked to introduce themselves, and when
         self._refused: dict[bytes, float] = {}  # peers whose hello was refused, and when (logged once each)
@@ -203,6 +208,8 @@ class Broker:
             self.sys_actions.streams.drop_client(identity, message.conn)
             for record in set(self.workers.values()):
                 self.send_to_unit(record, bus.Gone(client=identity, conn=message.conn))
+        elif isinstance(message, bus.Control) and message.op == IMPORTED and unit is not None:
+            self._imported(message.data)
         elif isinstance(message, bus.Control):
             self.sys_actions.control_from_peer(identity, message)
         else:
@@ -285,7 +292,7 @@ class Broker:
         return bus.Control("live", [[c.identity, sorted(c.conns)] for c in self.clients.values()])
 
     # dispatch (spec §6) ------------------------------------------------------------------------
-    def _request(self, identity: bytes, message: bus.Req) -> None:
+    def _request(self, identity: bytes, message: bus.Req, imported: bool = False) -> None:
         origin = Origin(identity, message.tag, message.conn)
         try:
             request = Request.from_dict(message.request)
@@ -294,6 +301,9 @@ class Broker:
             return
         if wants_fleet(request):
             self._forward_fleet(origin, request, message.binary)
+            return
+        if not imported and (missing := [s for s in remote_inputs(request) if s not in self.tasks]):
+            self._import(origin, request, message, missing)
             return
         work_id = WorkId.parse(request.work_id)
         if request.action == "inference":
@@ -327,6 +337,44 @@ class Broker:
             return
         self._forward(origin, request, record, float(self.settings["timeouts.control_s"]), message.binary)
 
+    def _import(self, origin: Origin, request: Request, message: bus.Req, sources: list[str]) -> None:
+        """A setup or link naming sources on other boards: the fleet bridge brings them here first, as its
+        own tasks named like them (`asr.1001@mic`), which the unit then links to as to local ones."""
+        record = self.units.get(FLEET_UNIT)
+        if record is None:
+            self.answer_error(origin, request, ErrorCode.LINK_FALSE,
+                              f"{', '.join(sources)}: this board is not in a fleet (set fleet.url)")
+            return
+        key = next(self._import_keys)
+        self.importing[key] = (origin.client, message)
+        self.send_to_unit(record, bus.Control(IMPORT, {"key": key, "sources": sources, "client": origin.client,
+                                                       "conn": origin.conn, "made_by": request.request_id}))
+
+    def _imported(self, data: Any) -> None:
+        key = data.get("key") if isinstance(data, dict) else None
+        parked = self.importing.pop(key, None) if isinstance(key, int) else None
+        if parked is None:
+            return
+        identity, message = parked
+        error = data.get("error")
+        if error:
+            origin = Origin(identity, message.tag, message.conn)
+            request = Request.from_dict(message.request)
+            self.answer_error(origin, request, ErrorCode.LINK_FALSE, str(error))
+            return
+        self._request(identity, message, imported=True)
+        entry = self.inflight.get((identity, message.tag))
+        if entry is not None and entry.request.action in ("setup", "link"):
+            entry.imports = list(data.get("sources") or [])
+        else:
+            self._imports_done(data.get("sources"))
+
+    def _imports_done(self, sources: Any) -> None:
+        """The request that needed them is over: the fleet bridge lets go of those no task took."""
+        record = self.units.get(FLEET_UNIT)
+        if record is not None and sources:
+            self.send_to_unit(record, bus.Control(IMPORT_DONE, {"sources": sources}))
+
     def _forward_fleet(self, origin: Origin, request: Request, binary: bytes | None) -> None:
         record = self.units.get(FLEET_UNIT)
         if record is None:
@@ -357,6 +405,7 @@ class Broker:
             if entry is not None and entry.unit is unit:
                 if message.final:
                     del self.inflight[key]
+                    self._imports_done(entry.imports)
                 if message.response is not None:
                     response = message.response
                     if entry.rewrite:
@@ -406,6 +455,8 @@ class Broker:
             self.tasks[event.work_id] = TaskRecord(event.work_id, unit, event.info)
             self.links.set_subscriptions(event.work_id, event.subscribe)
         elif event.op == "down":
+            if event.work_id in self.tasks and isinstance(event.info.get("ended"), str):
+                self._tell_link_owner(self.tasks[event.work_id], event.info["ended"])
             self._drop_task(event.work_id)
         self._update_pcm_subscribers()
 
@@ -416,7 +467,16 @@ class Broker:
         for record in set(self.workers.values()):
             self.send_to_unit(record, bus.TaskEvent(op="down", work_id=work_id))
 
+    def _update_proxy_subscribers(self) -> None:
+        """The fleet bridge hears how many local tasks take each source it imported (0: it lets go)."""
+        record = self.units.get(FLEET_UNIT)
+        counts = {w: len(self.links.subscribers(w)) for w, t in self.tasks.items() if t.unit is record}
+        if record is not None and counts != self._proxy_subscribers:
+            self.send_to_unit(record, bus.Control("subscribers", counts))
+        self._proxy_subscribers = counts
+
     def _update_pcm_subscribers(self) -> None:
+        self._update_proxy_subscribers()
         count = len(self.links.subscribers(PCM_SOURCE))
         if count == self._pcm_subscribers:
             return
@@ -435,9 +495,21 @@ class Broker:
             if self.units.get(name) is record:
                 del self.units[name]
         self._fail_inflight(record, why)
+        if FLEET_UNIT in record.names:
+            for key in list(self.importing):
+                self._imported({"key": key, "error": f"{why} while linking across boards"})
         for work_id in [w for w, t in self.tasks.items() if t.unit is record]:
+            self._tell_link_owner(self.tasks[work_id], why)
             self._drop_task(work_id)
         self._update_pcm_subscribers()
+
+    def _tell_link_owner(self, task: TaskRecord, why: str) -> None:
+        """A link across boards that ends with the fleet bridge: the connection that made it is told."""
+        owner, ref = task.info.get("owner"), task.info.get("ref")
+        if isinstance(owner, list) and len(owner) == 2 and owner[0] in self.clients and isinstance(ref, str):
+            response = error_reply(str(task.info.get("made_by", "0")), ref, ErrorCode.UNIT_CALL,
+                                   f"{why}: the link of {ref} ended")
+            self.send_to_client(owner[0], bus.Msg(response=response.to_dict(), conn=owner[1]))
 
     def _fail_inflight(self, record: UnitRecord, why: str) -> None:
         for key, entry in list(self.inflight.items()):
@@ -474,6 +546,7 @@ class Broker:
             for key, entry in list(self.inflight.items()):
                 if entry.timeout is not None and now - entry.started > entry.timeout:
                     del self.inflight[key]
+                    self._imports_done(entry.imports)
                     if entry.assigned:
                         self.abandoned.add(entry.assigned)
                     what = (f"model load exceeded {entry.timeout:g} s" if entry.request.action == "setup"

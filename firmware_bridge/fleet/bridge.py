@@ -20,15 +20,17 @@ import logging
 import secrets
 import ssl
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 from core import bus
 from core.client import BusClient
 from core.envelope import NONE, EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply
 from core.errors import ErrorCode, UnitError
-from core.ids import ANY_BOARD, on_board, split_board
+from core.ids import ANY_BOARD, BOARD_NAME, is_task_id, on_board, split_board
+from core.microphone import PCM_SOURCE
 from core.settings import Settings
-from core.sys.fleet import FLEET_UNIT
+from core.sys.fleet import FLEET_UNIT, IMPORT, IMPORT_DONE, IMPORTED
 from firmware_bridge.fleet import wire
 from firmware_bridge.pool import TaskPool
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 WAIT_STEP_S = 0.25  # how often a request waiting on a remote board checks that the board is still there
-BUSY_RETRY_S = 0.05  # pause before a load-balanced request that found its board busy is offered again
+BUSY_RETRY_S = 0.25  # a load-balanced request that found its board busy is offered again this soon at the latest
 NOT_HERE = (ErrorCode.UNIT_CALL, ErrorCode.UNIT_NOT_EXIST, ErrorCode.TASK_FULL)  # a balanced request goes on
 ACK_AFTER_S = 0.1  # a request whose first answer takes longer is acknowledged on its own (else within that answer)
 
@@ -59,6 +61,8 @@ class Replier:
         self.ack: dict | None = {"accepted": board, "i": instance}
         self.n = 0
         self.last_sent = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ticking: asyncio.Task | None = None
 
     async def send(self, **body) -> None:
         if self.ack is not None:
@@ -69,12 +73,41 @@ class Replier:
         self.last_sent = time.monotonic()
         await self.req.respond(wire.pack(**body))
 
-    async def keep_alive(self, every: float) -> None:
-        await asyncio.sleep(ACK_AFTER_S)
-        while True:
-            if self.ack is not None or time.monotonic() - self.last_sent >= every:
-                await self.send(tick=True)
-            await asyncio.sleep(every)
+    def keep_alive(self, every: float) -> None:
+        """Tick while the request is open and quiet; a timer, not a task, as most requests end sooner."""
+        def due() -> None:
+            # Quiet for half a period already: tick now, so that answers are never further apart than
+            # 1.5 periods (a check finding it quiet for just under one would leave a gap of two).
+            if self.ack is not None or time.monotonic() - self.last_sent >= every / 2:
+                self._ticking = asyncio.ensure_future(self.send(tick=True))
+            self._timer = loop.call_later(every, due)
+
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(ACK_AFTER_S, due)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._ticking is not None:
+            self._ticking.cancel()
+
+
+@dataclass
+class LinkEnd:
+    """One end of a link across boards, a task of this bridge in sys's eyes (protocol.md §21.8).
+
+    An import is the remote source as local tasks name it (`asr.1001@mic`): its outputs arrive from
+    NATS and are published here under that name. An export (`asr.1001>kitchen`) subscribes a local
+    source and sends its outputs to the board that imported it."""
+    name: str
+    board: str  # the other board
+    source: str  # an export's local source (an import's is its name)
+    info: dict[str, Any]  # what sys lists; `owner`, `ref`, `made_by` (a request_id): whom to tell when the link breaks
+    used: bool = False  # an import some local task took: it is let go when the last one leaves
+
+    @property
+    def subscribe(self) -> list[str]:
+        return [self.source] if self.source != self.name else []
 
 
 def origin_key(board: str, client: bytes, conn: int) -> str:
@@ -123,6 +156,10 @@ class FleetBridge:
         self._inbox = ""  # one subscription <inbox>.* receives the answers to every request sent from here
         self._calls = itertools.count(1)
         self._replies: dict[str, asyncio.Queue] = {}
+        self.imports: dict[str, LinkEnd] = {}  # remote sources local tasks take
+        self._frees: dict[str, int] = {}  # model subject -> slots announced free so far (unitbus.free.*)
+        self._freed: dict[str, asyncio.Event] = {}  # model subject -> set at the next such announcement
+        self.exports: dict[str, LinkEnd] = {}  # local sources other boards take
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> "FleetBridge":
@@ -149,6 +186,9 @@ class FleetBridge:
         await self.nc.subscribe(wire.GONE, cb=self._on_gone)
         await self.nc.subscribe(wire.CANCEL, cb=self._on_cancel)
         await self.nc.subscribe(wire.sink_subject(self.board), cb=self._on_sink)
+        await self.nc.subscribe(wire.link_subject(self.board), cb=self._on_link)
+        await self.nc.subscribe(wire.UNLINK, cb=self._on_unlink)
+        await self.nc.subscribe(wire.free_subject("*"), cb=self._on_free)
         self.service = await add_service(self.nc, name=wire.SERVICE, version=VERSION,
                                          description="unitbus board", metadata={"board": self.board},
                                          stats_handler=self._endpoint_stats)
@@ -216,16 +256,23 @@ class FleetBridge:
 
     # presence ----------------------------------------------------------------------------------
     async def _alive_loop(self) -> None:
+        woke = time.monotonic()
         while True:
             if self.nc is not None and self.nc.is_connected:
                 await self.nc.publish(wire.alive_subject(self.board), wire.pack(i=self.instance))
             now = time.monotonic()
+            if now - woke > self.alive_s + WAIT_STEP_S:
+                # This process was held up (CPU starvation): announcements may be unread; judge next round.
+                for board, (instance, last) in list(self.seen.items()):
+                    self.seen[board] = (instance, max(last, now - self.alive_s))
             for board, (_, last) in list(self.seen.items()):
                 if now - last > self.liveness_s:
                     del self.seen[board]
                     log.warning("board %s silent for %.1f s: gone from the fleet", board, now - last)
                     self._drop_origins(f"{board}/")
+                    self._board_links_gone(board, f"board {board} stopped answering")
             await asyncio.sleep(self.alive_s)
+            woke = time.monotonic()
 
     async def _on_alive(self, msg) -> None:
         board = msg.subject.rsplit(".", 1)[1]
@@ -240,6 +287,7 @@ class FleetBridge:
             # Its bridge restarted: the connections its former process held here have no owner any more.
             log.info("board %s rejoined", board)
             self._drop_origins(f"{board}/")
+            self._board_links_gone(board, f"board {board} restarted its fleet bridge")
         now = time.monotonic()
         self.seen[board] = (instance, now)
 
@@ -294,11 +342,30 @@ class FleetBridge:
                 self._local_gone(message.client, message.conn)
             elif isinstance(message, bus.Hello):
                 self._hello()  # sys restarted and does not know us
+                for end in [*self.imports.values(), *self.exports.values()]:
+                    self._announce_end(end)
+            elif isinstance(message, bus.Chain):
+                self._chain_out(message)
+            elif isinstance(message, bus.TaskEvent) and message.op == "down":
+                self._source_down(message.work_id)
+            elif isinstance(message, bus.Control) and message.op == IMPORT:
+                self.spawn(self._import(message.data))
+            elif isinstance(message, bus.Control) and message.op == "subscribers":
+                self._import_counts(message.data)
+            elif isinstance(message, bus.Control) and message.op == IMPORT_DONE:
+                for ref in (message.data or {}).get("sources") or []:
+                    if ref in self.imports and not self.imports[ref].used:
+                        self._let_go(ref)  # the setup or link that wanted it failed
             elif isinstance(message, bus.Control) and message.op == "reset":
                 # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
                 for tasks in list(self.forwarding.values()):
                     for task in tasks:
                         task.cancel()
+                # Every task is gone: so are the links across boards, at both ends.
+                for ref in list(self.imports):
+                    self._let_go(ref)
+                for end in list(self.exports.values()):
+                    self._source_down(end.source)
                 log.info("sys.reset: requests to other boards cancelled")
                 self.sock.send(bus.Control("reset_done", {"restart": False}))
 
@@ -388,6 +455,7 @@ class FleetBridge:
         queue: asyncio.Queue = asyncio.Queue()
         self._replies[inbox] = queue
         last = time.monotonic()
+        quiet_steps = 0  # waits in a row that timed out: a stall of this process counts as one, not as silence
         taker = None
         expected = 0  # the number of the next answer
         finished = False
@@ -396,16 +464,19 @@ class FleetBridge:
                                                                         wire.CALL_HEADER: inbox})
             while True:
                 try:
-                    msg = await asyncio.wait_for(queue.get(), WAIT_STEP_S)
+                    # Answers already waiting are taken without a timed wait (its task and timer per message).
+                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), WAIT_STEP_S)
                 except asyncio.TimeoutError:  # nothing yet; is the taker still there?
-                    if time.monotonic() - last > self.liveness_s:  # (a cancel still goes out: it may come back)
+                    quiet_steps += 1
+                    if time.monotonic() - last > self.liveness_s and quiet_steps * WAIT_STEP_S >= self.liveness_s:
+                        # (a cancel still goes out: it may come back)
                         who = f"board {taker}" if taker else f"the board taking {subject}"
                         raise BoardGone(f"{who} stopped answering (silent for {self.liveness_s:g} s)") from None
                     continue
                 if msg.headers and msg.headers.get("Status") == "503":
                     finished = True
                     raise NoResponders(subject)
-                last = time.monotonic()
+                last, quiet_steps = time.monotonic(), 0
                 try:
                     reply_body = wire.unpack(msg.data)
                 except wire.WireError as exc:
@@ -416,10 +487,11 @@ class FleetBridge:
                     raise UnitError(ErrorCode.UNIT_CALL, f"answers of board {taker} were lost in transit "
                                                          "(a NATS server failed over); retry")
                 expected += 1
-                if reply_body.get("final"):
-                    finished = True
+                finished = bool(reply_body.get("final"))
+                if not finished or "response" in reply_body:
+                    yield reply_body
+                if finished:
                     return
-                yield reply_body
         finally:
             self._replies.pop(inbox, None)
             if not finished and self.nc.is_connected:
@@ -462,10 +534,12 @@ class FleetBridge:
                          input=data["input"], setup=data.get("setup") if isinstance(data.get("setup"), dict) else {})
         deadline = time.monotonic() + self.balance_wait_s
         work_id = request.work_id
+        subject = wire.model_subject(data["model"])
         while True:
             busy = yielded = False
+            frees = self._frees.get(subject, 0)
             try:
-                async for reply_body in self._exchange(wire.model_subject(data["model"]), body, origin):
+                async for reply_body in self._exchange(subject, body, origin):
                     if reply_body.get("busy"):
                         busy = True
                     elif "response" in reply_body:
@@ -486,7 +560,20 @@ class FleetBridge:
             if time.monotonic() > deadline:
                 raise UnitError(ErrorCode.QUEUE_FULL, f"every board serving {data['model']} stayed busy for "
                                                       f"{self.balance_wait_s:g} s")
-            await asyncio.sleep(BUSY_RETRY_S)
+            if self._frees.get(subject, 0) == frees:  # no slot came free meanwhile: wait for one (or a while)
+                freed = self._freed.setdefault(subject, asyncio.Event())
+                try:
+                    await asyncio.wait_for(freed.wait(), BUSY_RETRY_S)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _on_free(self, msg) -> None:
+        """A board finished a load-balanced inference: requests waiting for that model are offered again."""
+        subject = wire.model_subject_of_free(msg.subject)
+        self._frees[subject] = self._frees.get(subject, 0) + 1
+        freed = self._freed.pop(subject, None)
+        if freed is not None:
+            freed.set()
 
     async def _fleet_listing(self, request: Request, origin: str) -> Response:
         """sys.lstask / lsmode / hwinfo of every board: {board: data}; lstask's work_ids name their board."""
@@ -547,7 +634,8 @@ class FleetBridge:
     async def _serve_model(self, req, origin: str) -> None:
         """A load-balanced inference: this board's pool task of the model (loaded on first use) runs it."""
         replier = Replier(req, self.board, self.instance)
-        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
+        replier.keep_alive(self.alive_s)
+        ran = False
         try:
             await replier.send()  # taken at once: a model load may take long, and so may the first token
             try:
@@ -574,6 +662,7 @@ class FleetBridge:
                     await replier.send(final=True)
                     return
                 work_id = on_board(served.work_id, self.board)
+                ran = True
                 async for response in self.pool.stream(served, data, request_id, object, whole=True):
                     response.work_id = work_id
                     await replier.send(response=response.to_dict())
@@ -581,8 +670,10 @@ class FleetBridge:
                 await replier.send(response=error_reply(request_id, f"llm@{self.board}", exc).to_dict())
             await replier.send(final=True)
         finally:
-            keeper.cancel()
+            replier.stop()
             self.balanced_running -= 1
+            if ran and self.nc is not None and self.nc.is_connected:  # a slot here is free again: say so
+                self.spawn(self.nc.publish(wire.free_subject(req.subject), b""))
 
     async def _on_cancel(self, msg) -> None:
         try:
@@ -597,6 +688,9 @@ class FleetBridge:
     async def _serve(self, req, origin: str) -> None:
         try:
             body = wire.unpack(req.data)
+            if "export" in body:
+                await self._serve_export(req, origin, body)
+                return
             # The same checks as for a request from a TCP client: another board's bridge is no more trusted.
             request = decode_request(canonical_json(body["request"]))
             parse_origin(origin)
@@ -609,12 +703,15 @@ class FleetBridge:
             return
         conn = self._conn_for(origin)
         replier = Replier(req, self.board, self.instance)
-        keeper = asyncio.create_task(replier.keep_alive(self.alive_s))
+        replier.keep_alive(self.alive_s)
         try:
-            async for response in self.client.stream(request, conn, binary=body.get("binary"), timeout=None):
+            async for response, final in self.client.answers(request, conn, binary=body.get("binary")):
+                if response is None:
+                    await replier.send(final=True)
+                    continue
                 response.work_id = on_board(response.work_id, self.board)
-                await replier.send(response=response.to_dict())
-            await replier.send(final=True)
+                # The last answer carries `final` itself: one NATS message fewer per request.
+                await replier.send(response=response.to_dict(), **({"final": True} if final else {}))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -625,7 +722,7 @@ class FleetBridge:
                 await replier.send(response=failure.to_dict())
                 await replier.send(final=True)
         finally:
-            keeper.cancel()
+            replier.stop()
 
     def _conn_for(self, origin: str) -> int:
         conn = self.exported.get(origin)
@@ -673,3 +770,190 @@ class FleetBridge:
             conn = self.exported.pop(origin, None)
             if conn is not None:
                 self.client.close_conn(conn)
+
+    # links across boards (protocol.md §21.8) -----------------------------------------------------
+    def _announce_end(self, end: LinkEnd) -> None:
+        if self.sock is not None:
+            self.sock.send(bus.TaskEvent(op="up", work_id=end.name, info=end.info, subscribe=end.subscribe))
+
+    def _end_down(self, end: LinkEnd, why: str | None) -> None:
+        """The end is gone; `why` a fault, which sys tells the connection that made the link."""
+        if self.sock is not None:
+            self.sock.send(bus.TaskEvent(op="down", work_id=end.name, info={"ended": why} if why else {}))
+        log.info("link end %s (board %s) gone%s", end.name, end.board, f": {why}" if why else "")
+
+    def _origin_of(self, client: bytes, conn: int) -> str:
+        """The origin of a request sys passed on: a remote connection's when it came through this bridge."""
+        if client == self.client.identity:
+            for origin, local in self.exported.items():
+                if local == conn:
+                    return origin
+        return origin_key(self.board, client, conn)
+
+    def _link_info(self, origin: str, ref: str, request_id: str, **info: Any) -> dict[str, Any]:
+        board, client, conn = parse_origin(origin)
+        owner = {"owner": [client, conn]} if board == self.board else {}  # a connection of this board
+        return {"ref": ref, "made_by": request_id, **owner, **info}
+
+    async def _import(self, data: Any) -> None:
+        """sys holds a setup or link that names remote sources: bring each here, then let it go on."""
+        key = data.get("key") if isinstance(data, dict) else None
+        error = None
+        try:
+            origin = self._origin_of(bytes(data["client"]), int(data["conn"]))
+            for ref in data["sources"]:
+                if str(ref) not in self.imports:
+                    await self._import_one(str(ref), origin, str(data.get("made_by", "0")))
+        except UnitError as exc:
+            error = exc.message
+        except (KeyError, TypeError, ValueError) as exc:
+            error = f"a bad import request: {exc}"
+        if self.sock is not None:
+            self.sock.send(bus.Control(IMPORTED, {"key": key, "error": error}))
+
+    async def _import_one(self, ref: str, origin: str, request_id: str) -> None:
+        local, board = split_board(ref)
+        assert board is not None
+        answer = None
+        body = wire.pack(export=local, to=self.board, request_id=request_id)
+        try:
+            async for reply_body in self._exchange(wire.board_subject(board), body, origin):
+                if "response" in reply_body:
+                    answer = Response.from_dict(reply_body["response"])
+        except NoResponders:
+            raise UnitError(ErrorCode.LINK_FALSE, f"{ref}: no board named {board} in the fleet") from None
+        except BoardGone as exc:
+            raise UnitError(ErrorCode.LINK_FALSE, f"{ref}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnitError(ErrorCode.LINK_FALSE, f"{ref}: a bad answer from board {board}: {exc}") from None
+        if answer is None or answer.code != 0:
+            raise UnitError(ErrorCode.LINK_FALSE, f"{ref}: {answer.message if answer else 'no answer'}")
+        produced = answer.data.get("response_format", "") if isinstance(answer.data, dict) else ""
+        end = LinkEnd(ref, board, ref, self._link_info(origin, ref, request_id, inputs=[], response_format=produced))
+        self.imports[ref] = end
+        self._announce_end(end)
+        log.info("%s imported from board %s", ref, board)
+
+    async def _serve_export(self, req, origin: str, body: dict) -> None:
+        """Another board takes a source of this board: subscribe it here, for that board."""
+        replier = Replier(req, self.board, self.instance)
+        source, target, request_id = body.get("export"), body.get("to"), str(body.get("request_id", "0"))
+        try:
+            if not isinstance(source, str) or not (is_task_id(source) or source == PCM_SOURCE):
+                raise UnitError(ErrorCode.UNSUPPORTED_LINK, f"{source!r} is not a task or {PCM_SOURCE}")
+            if not isinstance(target, str) or not BOARD_NAME.fullmatch(target):
+                raise UnitError(ErrorCode.JSON_FORMAT, f"{target!r} is not a board name")
+            parse_origin(origin)
+            produced = PCM_SOURCE
+            if source != PCM_SOURCE:
+                info = await self.client.request(Request(request_id, source, "taskinfo"))
+                if info is None or info.code != 0:
+                    raise UnitError(ErrorCode.LINK_FALSE, f"no task {source} on board {self.board}")
+                produced = info.data.get("response_format", "") if isinstance(info.data, dict) else ""
+            name = f"{source}>{target}"
+            if name not in self.exports:
+                end = LinkEnd(name, target, source, self._link_info(origin, on_board(source, self.board), request_id,
+                                                                    inputs=[source]))
+                self.exports[name] = end
+                self._announce_end(end)
+                log.info("%s linked to board %s", source, target)
+            answer = Response(request_id, on_board(source, self.board), data={"response_format": produced})
+        except UnitError as exc:
+            answer = error_reply(request_id, on_board(str(source), self.board), exc)
+        except ValueError as exc:  # the origin
+            answer = error_reply(request_id, "sys", ErrorCode.JSON_FORMAT, str(exc))
+        await replier.send(response=answer.to_dict())
+        await replier.send(final=True)
+
+    def _chain_out(self, message: bus.Chain) -> None:
+        """An output of a local source: to each board that imported it. PCM is the NATS payload itself."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        source = on_board(message.src, self.board)
+        headers = {wire.SOURCE_HEADER: source}
+        if message.response is not None:
+            try:
+                headers[wire.RESPONSE_HEADER] = json.dumps({**message.response, "work_id": source}, ensure_ascii=True,
+                                                           separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                log.warning("an output of %s not sent across: %s", message.src, exc)
+                return
+        for name in message.dst:
+            end = self.exports.get(name)
+            if end is not None:
+                self.spawn(self.nc.publish(wire.link_subject(end.board), message.binary or b"", headers=headers))
+
+    async def _on_link(self, msg) -> None:
+        headers = msg.headers or {}
+        source = headers.get(wire.SOURCE_HEADER, "")
+        if source not in self.imports:
+            return  # let go meanwhile (or never asked for): no local task takes it
+        response = None
+        if wire.RESPONSE_HEADER in headers:
+            try:
+                response = json.loads(headers[wire.RESPONSE_HEADER])
+            except ValueError:
+                log.warning("a bad output of %s dropped", source)
+                return
+            if not isinstance(response, dict):
+                return
+        if self.sock is not None:
+            self.sock.send(bus.Msg(response=response, publish=source, binary=msg.data or None))
+
+    def _import_counts(self, counts: Any) -> None:
+        """sys's count of local tasks taking each import: one that had takers and has none is let go."""
+        if not isinstance(counts, dict):
+            return
+        for ref, end in list(self.imports.items()):
+            if counts.get(ref, 0) > 0:
+                end.used = True
+            elif end.used:
+                self._let_go(ref)
+
+    def _let_go(self, ref: str) -> None:
+        """No local task takes `ref` any more: its board stops sending it."""
+        end = self.imports.get(ref)
+        if end is None:
+            return
+        self._release_import(ref, None)
+        if self.nc is not None and self.nc.is_connected:
+            local = split_board(ref)[0]
+            self.spawn(self.nc.publish(wire.UNLINK, wire.pack(board=end.board, export=f"{local}>{self.board}")))
+
+    def _release_import(self, ref: str, why: str | None) -> None:
+        end = self.imports.pop(ref, None)
+        if end is not None:
+            self._end_down(end, why)
+
+    def _drop_export(self, name: str, why: str | None) -> None:
+        end = self.exports.pop(name, None)
+        if end is not None:
+            self._end_down(end, why)
+
+    async def _on_unlink(self, msg) -> None:
+        try:
+            body = wire.unpack(msg.data)
+        except wire.WireError as exc:
+            log.warning("%s", exc)
+            return
+        if body.get("board") != self.board:
+            return
+        if isinstance(body.get("export"), str):  # the importer let go
+            self._drop_export(body["export"], None)
+        if isinstance(body.get("import"), str):  # the source on its board went away: as a local one, silently
+            self._release_import(body["import"], None)
+
+    def _source_down(self, work_id: str) -> None:
+        for name, end in list(self.exports.items()):
+            if end.source == work_id:
+                self._drop_export(name, None)
+                if self.nc is not None and self.nc.is_connected:
+                    self.spawn(self.nc.publish(wire.UNLINK, wire.pack(board=end.board,
+                                                                      **{"import": on_board(work_id, self.board)})))
+
+    def _board_links_gone(self, board: str, why: str) -> None:
+        """Links to a board that vanished end, and whoever made them here is told."""
+        for ref in [r for r, e in self.imports.items() if e.board == board]:
+            self._release_import(ref, why)
+        for name in [n for n, e in self.exports.items() if e.board == board]:
+            self._drop_export(name, why)

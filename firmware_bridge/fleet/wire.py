@@ -14,6 +14,9 @@ CALL_HEADER = "Unitbus-Call"  # one request's key (its reply inbox): what a canc
 GONE = "unitbus.gone"  # a connection (or a whole client) on some board went away
 CANCEL = "unitbus.cancel"  # the requester stopped waiting for one request (a closed HTTP client)
 MODEL_QUEUE = "unitbus-model"  # the queue group of every model subject: one board takes each request
+UNLINK = "unitbus.unlink"  # a board no longer takes a source it imported (or the source went away)
+SOURCE_HEADER = "Unitbus-Source"  # a linked output's source, in the remote form (`asr.1001@mic`)
+RESPONSE_HEADER = "Unitbus-Response"  # a linked output's envelope (JSON) when there is one
 
 
 def board_subject(board: str) -> str:
@@ -23,6 +26,20 @@ def board_subject(board: str) -> str:
 def model_subject(mode: str) -> str:
     """The load-balanced subject of a model; characters a subject token cannot hold are escaped."""
     return "unitbus.model." + "".join(c if c.isalnum() or c in "-_" else f"~{ord(c):x}" for c in mode)
+
+
+def link_subject(board: str) -> str:
+    """Outputs of sources on other boards that `board` imported: the payload is the PCM itself."""
+    return f"unitbus.link.{board}"
+
+
+def free_subject(model_subject_or_any: str) -> str:
+    """Where a board says it finished a load-balanced inference of a model (its model subject's last token)."""
+    return "unitbus.free." + model_subject_or_any.rsplit(".", 1)[-1]
+
+
+def model_subject_of_free(subject: str) -> str:
+    return "unitbus.model." + subject.rsplit(".", 1)[-1]
 
 
 def alive_subject(board: str) -> str:

@@ -183,7 +183,7 @@ MAX_JSON_DEPTH = 64  # deeper than any request body of these APIs; the bus encod
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 BIG_BODY = 256 * 1024  # checked in a worker thread from this size on, so the loop keeps serving
-ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 429, 500, 501, 503, 504)
+ERROR_STATUSES = (400, 401, 403, 404, 408, 409, 413, 429, 500, 501, 503, 504)
 
 
 def _no_constant(name: str) -> Any:
@@ -234,11 +234,19 @@ def check_json(raw: bytes) -> None:
             from None
 
 
-async def read_body(receive, limit: int) -> bytes | None:
-    """The whole request body (None if the client left first); GatewayError(413) past `limit` bytes."""
+async def read_body(receive, limit: int, timeout_s: float) -> bytes | None:
+    """The whole request body (None if the client left first); GatewayError(413) past `limit` bytes and
+    408 if it has not all arrived `timeout_s` after the headers (a body sent a byte at a time would
+    otherwise hold its connection and admission ticket for ever)."""
     chunks, size = [], 0
+    deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        message = await receive()
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            message = await asyncio.wait_for(receive(), max(remaining, 0))
+        except TimeoutError:
+            raise GatewayError(408, f"request body not received within {timeout_s:g} s "
+                                    f"({size} bytes arrived)") from None
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -292,7 +300,8 @@ class Guard:
         try:
             if error is None and scope.get("method") in BODY_METHODS:
                 try:
-                    scope, receive = await self._checked_body(scope, receive, headers, limit)
+                    scope, receive = await self._checked_body(scope, receive, headers, limit,
+                                                              float(settings["http.body_timeout_s"]))
                 except GatewayError as exc:
                     error = exc
                 if receive is None:
@@ -304,8 +313,8 @@ class Guard:
             self.gateway.release(tickets)
 
     @staticmethod
-    async def _checked_body(scope, receive, headers: dict[str, str], limit: int):
-        body = await read_body(receive, limit)
+    async def _checked_body(scope, receive, headers: dict[str, str], limit: int, timeout_s: float):
+        body = await read_body(receive, limit, timeout_s)
         if body is None:
             return scope, None
         if body.strip() and not headers.get("content-type", "").startswith("multipart/"):

@@ -31,6 +31,7 @@ STATUS_DEFAULTS: dict[int, tuple[str, str]] = {
     401: ("authentication_error", "invalid_api_key"),
     403: ("permission_error", "forbidden"),
     404: ("not_found_error", "model_not_found"),
+    408: ("invalid_request_error", "request_timeout"),
     409: ("invalid_request_error", "conflict"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),

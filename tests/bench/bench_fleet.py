@@ -1,18 +1,21 @@
 """The fleet over NATS: what crossing boards costs, measured against the same thing without it, in one run.
 
 - tok/s of a stream from a task on another board vs the same board's task asked locally (StackFlow TCP);
-- sys.ping p50 across boards (`sys@beta` from alpha's TCP port) vs a bare nats-py request-reply echo
-  between two processes on the same nats-server;
+- sys.ping p50 across boards vs a bare nats-py request-reply echo between two processes on the same
+  nats-server. The fair pairing is a nats-py client asking beta's service (`unitbus.board.beta`, what
+  alpha's bridge sends) vs that echo: what the fleet adds over NATS. The full path (alpha's StackFlow
+  TCP port -> alpha's bridge and sys -> NATS -> beta's bridge and sys, and back) is reported too;
 - 8 load-balanced streams (`llm@*`) over 2 boards vs over 1, aggregate tok/s.
 Every engine runs on --threads onnxruntime threads (1: this 2-core machine then has a core per board).
-Prints a table; asserts nothing.
+Prints a table with the load average at each figure (the machine is shared); asserts nothing.
 
-    python tests/bench/bench_fleet.py [--tokens 64] [--rounds 3] [--pings 500] [--threads 1]
+    python tests/bench/bench_fleet.py [--tokens 64] [--rounds 3] [--pings 500] [--threads 1] [--only ping]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "bench"))
 
 from bench_http import MESSAGES, MODEL, best, load_engine, measure  # noqa: E402
 from fleet_support import TOKEN, NatsServer, board, wait_joined  # noqa: E402
-from support import StackFlowClient  # noqa: E402
+from support import StackFlowClient, child_pids  # noqa: E402
 
 ECHO = r'''
 import asyncio, sys, nats
@@ -89,6 +92,59 @@ def ping_across(alpha, count: int) -> list[float]:
     return out
 
 
+def load() -> str:
+    return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def bus_ping(stack, count: int) -> list[float]:
+    """sys.ping from a bus client inside the board: the hop to sys that beta's bridge adds to the echo."""
+    from core import rundir
+    from core.client import BusClient
+    from core.envelope import Request
+
+    async def run() -> list[float]:
+        client = await BusClient(stack.endpoint, "bench", key=rundir.key(stack.run_dir)).start()
+        out = []
+        for n in range(count + 20):
+            started = time.perf_counter()
+            await client.request(Request("p", "sys", "ping"))
+            if n >= 20:
+                out.append(time.perf_counter() - started)
+        await client.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def service_ping(url: str, count: int) -> list[float]:
+    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer."""
+    import msgpack
+    import nats
+
+    async def run() -> list[float]:
+        nc = await nats.connect(url, token=TOKEN)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox + ".*")
+        body = msgpack.packb({"request": {"request_id": "p", "work_id": "sys", "action": "ping"}})
+        out = []
+        for n in range(count + 20):
+            call = f"{inbox}.{n}"
+            started = time.perf_counter()
+            await nc.publish("unitbus.board.beta", body, reply=call,
+                             headers={"Unitbus-Origin": "bench/00/1", "Unitbus-Call": call})
+            while True:
+                answer = msgpack.unpackb((await sub.next_msg(timeout=5)).data)
+                if answer.get("final"):
+                    break
+            if n >= 20:
+                out.append(time.perf_counter() - started)
+            assert answer.get("response", {}).get("error", {}).get("code", 0) == 0, answer
+        await nc.close()
+        return out
+
+    return asyncio.run(run())
+
+
 def bare_echo(url: str, count: int) -> list[float]:
     import nats
 
@@ -113,8 +169,34 @@ def bare_echo(url: str, count: int) -> list[float]:
         responder.wait()
 
 
-def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int) -> tuple[float, dict[str, int]]:
-    """Aggregate tok/s of `streams` concurrent llm@* streams sent from alpha; which boards ran them."""
+def cpu_seconds(stacks, server) -> dict[str, float]:
+    """CPU time used so far by the boards' llm units, by the rest of their processes (sys, bridges, the
+    other units) and by nats-server: what the fleet costs beside the engines, whatever the machine's load."""
+    out = {"llm units": 0.0, "sys, bridges, other units": 0.0, "nats-server": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    for stack in stacks:
+        for pid in [stack.proc.pid, *child_pids(stack.proc.pid)]:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            out["llm units" if b"units.llm" in argv else "sys, bridges, other units"] += used(pid)
+    out["nats-server"] = used(server.proc.pid)
+    return out
+
+
+def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int,
+             cpu) -> tuple[float, dict[str, int], dict[str, float]]:
+    """Aggregate tok/s of `streams` concurrent llm@* streams sent from alpha; which boards ran them; the
+    CPU ms per token of each kind of process (cpu_seconds)."""
     data = {"model": MODEL, "input": chat(tokens, bias)}
     boards: dict[str, int] = {}
     total = 0
@@ -125,6 +207,7 @@ def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int)
                     "object": "llm.chat_completion", "data": {**data, "input": chat(4, bias)}})
         for n in range(boards_expected):
             c.stream(f"warm{n}")
+        before = cpu()
         started = time.perf_counter()
         for n in range(streams):
             c.send({"request_id": f"b{n}", "work_id": "llm@*", "action": "inference",
@@ -136,7 +219,8 @@ def balanced(alpha, streams: int, tokens: int, bias: dict, boards_expected: int)
             name = chunks[0]["work_id"].rsplit("@", 1)[1]
             boards[name] = boards.get(name, 0) + 1
         elapsed = time.perf_counter() - started
-    return total / elapsed, boards
+    after = cpu()
+    return total / elapsed, boards, {k: (after[k] - before[k]) * 1000 / total for k in after}
 
 
 def main() -> None:
@@ -146,7 +230,11 @@ def main() -> None:
     parser.add_argument("--pings", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads of each board's engine")
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--only", choices=("all", "ping", "stream", "balance"), default="all")
+    parser.add_argument("--balance-rounds", type=int, default=3,
+                        help="1-board and 2-board runs alternate this many times (the shared machine's load moves)")
     args = parser.parse_args()
+    wanted = {"all": {"ping", "stream", "balance"}}.get(args.only, {args.only})
 
     engine, bias = load_engine(1)
     del engine
@@ -155,15 +243,37 @@ def main() -> None:
     env = {"UNITBUS_THREADS": str(args.threads)}
     alpha = board(tmp / "alpha", "alpha", server.url, env=env).start(timeout=300)
     beta = None
+    loads: dict[str, str] = {}
+    rounds: list[tuple] = []
     try:
         wait_joined(alpha, "alpha")
-        one_board, _ = balanced(alpha, args.streams, args.tokens, bias, 1)
-        beta = board(tmp / "beta", "beta", server.url, env=env).start(timeout=300)
+        for n in range(args.balance_rounds if "balance" in wanted else 0):
+            one_board, _, one_cpu = balanced(alpha, args.streams, args.tokens, bias, 1,
+                                             lambda: cpu_seconds([alpha], server))
+            one_load = load()
+            beta = board(tmp / f"beta{n}", "beta", server.url, env=env).start(timeout=300)
+            wait_joined(alpha, "alpha", "beta")
+            two_boards, used, two_cpu = balanced(alpha, args.streams, args.tokens, bias, 2,
+                                                 lambda stacks=[alpha, beta]: cpu_seconds(stacks, server))
+            rounds.append((one_board, one_load, two_boards, load(), used, one_cpu, two_cpu))
+            if n < args.balance_rounds - 1:
+                beta.stop(check=False)
+                beta = None
+        if beta is None:
+            beta = board(tmp / "beta", "beta", server.url, env=env).start(timeout=300)
         wait_joined(alpha, "alpha", "beta")
-        two_boards, used = balanced(alpha, args.streams, args.tokens, bias, 2)
-        streams = remote_vs_local(alpha, beta, args.tokens, args.rounds, bias)
-        across = ping_across(alpha, args.pings)
-        echo = bare_echo(server.url, args.pings)
+        if "stream" in wanted:
+            streams = remote_vs_local(alpha, beta, args.tokens, args.rounds, bias)
+            loads["stream"] = load()
+        if "ping" in wanted:
+            # Interleaved in rounds so that the machine's load falls on each alike.
+            across, service, echo, hop = [], [], [], []
+            for _ in range(5):
+                across += ping_across(alpha, args.pings // 5)
+                service += service_ping(server.url, args.pings // 5)
+                echo += bare_echo(server.url, args.pings // 5)
+                hop += bus_ping(beta, args.pings // 5)
+            loads["ping"] = load()
     finally:
         if beta is not None:
             beta.stop(check=False)
@@ -172,21 +282,33 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M Q4_1, {args.threads} onnxruntime thread(s) per board, {args.tokens} new tokens, greedy, "
           f"best of {args.rounds}\n")
-    local = streams["local (beta's client)"]
-    print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}"
-          f"{'e2e tok/s':>11}{'x local':>9}")
-    for name, r in streams.items():
-        print(f"{name:<36}{r['tokens']:>7}{r['ttft_ms']:>10.1f}{r['decode_tps']:>14.1f}"
-              f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}"
-              f"{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
-    p50 = {"across": statistics.median(across) * 1000, "echo": statistics.median(echo) * 1000}
-    p99 = {name: sorted(v)[int(len(v) * 0.99)] * 1000 for name, v in (("across", across), ("echo", echo))}
-    print(f"\nsys.ping across boards (alpha TCP -> sys@beta), {args.pings} requests: p50 {p50['across']:.3f} ms, "
-          f"p99 {p99['across']:.3f} ms")
-    print(f"bare nats-py request-reply echo, same server:           p50 {p50['echo']:.3f} ms, p99 {p99['echo']:.3f} ms")
-    print(f"ratio p50 {p50['across'] / p50['echo']:.2f}x")
-    print(f"\n{args.streams} concurrent llm@* streams: over 1 board {one_board:.1f} tok/s, over 2 boards "
-          f"{two_boards:.1f} tok/s ({used}): {two_boards / one_board:.2f}x")
+    if "stream" in wanted:
+        local = streams["local (beta's client)"]
+        print(f"{'stream':<36}{'tokens':>7}{'TTFT ms':>10}{'decode tok/s':>14}{'x local':>9}"
+              f"{'e2e tok/s':>11}{'x local':>9}   ({loads['stream']})")
+        for name, r in streams.items():
+            print(f"{name:<36}{r['tokens']:>7}{r['ttft_ms']:>10.1f}{r['decode_tps']:>14.1f}"
+                  f"{r['decode_tps'] / local['decode_tps']:>9.2f}{r['e2e_tps']:>11.1f}"
+                  f"{r['e2e_tps'] / local['e2e_tps']:>9.2f}")
+    if "ping" in wanted:
+        print(f"\nsys.ping, {len(echo)} requests each, interleaved ({loads['ping']})")
+        echo_p50 = statistics.median(echo) * 1000
+        for name, values in (("bare nats-py request-reply echo, same server", echo),
+                             ("nats-py client -> beta's service (sys of beta)", service),
+                             ("alpha's TCP client -> sys@beta (full path)", across),
+                             ("(a bus client inside beta -> its sys: no NATS)", hop)):
+            p50, p99 = statistics.median(values) * 1000, sorted(values)[int(len(values) * 0.99)] * 1000
+            print(f"{name:<48} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  {p50 / echo_p50:5.2f}x echo")
+    if rounds:
+        print(f"\n{args.streams} concurrent llm@* streams, aggregate tok/s, 1 and 2 boards alternating:")
+        for one_board, one_load, two_boards, two_load, used, one_cpu, two_cpu in rounds:
+            print(f"  over 1 board {one_board:6.1f} ({one_load})   over 2 boards {two_boards:6.1f} ({used}, {two_load})"
+                  f"   {two_boards / one_board:.2f}x")
+            for name, cpu in (("1 board", one_cpu), ("2 boards", two_cpu)):
+                print(f"    CPU ms per token, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        one = statistics.median(r[0] for r in rounds)
+        two = statistics.median(r[2] for r in rounds)
+        print(f"  median: {one:.1f} vs {two:.1f} tok/s: {two / one:.2f}x")
 
 
 if __name__ == "__main__":

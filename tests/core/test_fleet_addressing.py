@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from core.envelope import Request
-from core.ids import WorkId, on_board, split_board
-from core.sys.fleet import wants_fleet
+from core.ids import WorkId, is_task_ref, on_board, split_board
+from core.sys.fleet import remote_inputs, remote_source, wants_fleet
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -44,3 +44,24 @@ def test_local_work_ids_stay_local_and_remote_ones_do_not_parse_as_local():
 ])
 def test_wants_fleet(work_id, action, data, expected):
     assert wants_fleet(Request("1", work_id, action, data=data)) is expected
+
+
+@pytest.mark.parametrize("text, task, remote", [
+    ("asr.1001", True, False), ("asr.1001@mic", True, True), ("sys.pcm@mic", False, True),
+    ("sys.pcm", False, False), ("asr.1001@*", False, False), ("asr.1001@", False, False),
+    ("asr@mic", False, False), ("llm.utf-8@mic", False, False),
+])
+def test_link_sources_here_and_on_boards(text, task, remote):
+    """§21.8: what `input` and `link` may name, and which of those the fleet bridge imports first."""
+    assert is_task_ref(text) is task
+    assert remote_source(text) is remote
+
+
+def test_remote_inputs_of_setup_and_link():
+    setup = Request("s", "llm", "setup", data={"model": "m", "input": ["llm.utf-8", "asr.1001@mic", "kws.1000"]})
+    assert remote_inputs(setup) == ["asr.1001@mic"]
+    assert remote_inputs(Request("s", "kws", "setup", data={"input": "sys.pcm@mic"})) == ["sys.pcm@mic"]
+    assert remote_inputs(Request("l", "llm.1002", "link", data="asr.1001@mic")) == ["asr.1001@mic"]
+    assert remote_inputs(Request("l", "llm.1002", "link", data={"bad": 1})) == []
+    assert remote_inputs(Request("i", "llm.1002", "inference", data="asr.1001@mic")) == []
+    assert remote_inputs(Request("s", "llm", "setup", data={"input": 5})) == []

@@ -38,7 +38,7 @@ def http_stack(tmp_path_factory):
                 "http.ai00.embed_model": MODEL,
                 "http.max_queue": "1", "http.allow_model_management": "true",
                 "http.ai00.app_keys": json.dumps(APP_KEYS), "http.ai00.secret": "test-secret",
-                "http.header_timeout_s": "2", "http.ai00.max_state_streams": "2",
+                "http.header_timeout_s": "2", "http.body_timeout_s": "2", "http.ai00.max_state_streams": "2",
                 **{f"http.{api}.port": str(port) for api, port in ports.items()}}
     stack = Stack(tmp_path_factory.mktemp("http"), ["llm"], settings).start()
     hs = HttpStack(stack, ports)

@@ -136,6 +136,26 @@ def test_half_sent_headers_are_closed(http_stack):
     assert httpx.get(http_stack.url("openai", "/livez"), timeout=10).status_code == 200
 
 
+def test_trickled_body_is_answered_408(http_stack):
+    """http.body_timeout_s is 2 in this stack: a body that stops arriving after its headers is answered
+    408 in the API's error shape and the connection closed; its admission ticket is given back, so the
+    next request (http.max_queue is 1) is served."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"model\":")
+    with socket.create_connection(("127.0.0.1", http_stack.ports["openai"]), timeout=60) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_timeout" and "(9 bytes arrived)" in error["message"]
+    reply = httpx.post(http_stack.url("openai", "/v1/chat/completions"), timeout=60,
+                       json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 404
+
+
 def test_ai00_state_streams_are_bounded(http_stack):
     """http.ai00.max_state_streams is 2 in this stack: the third concurrent stream is a 429; once one is
     closed a new one opens."""

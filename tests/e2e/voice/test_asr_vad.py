@@ -138,7 +138,7 @@ def test_whisper_transcribes_when_a_linked_vad_says_false(stack, clips):
         elapsed = time.monotonic() - started
         assert [m["data"] for m in got] == [True, False, "what is the capital of france."]
         assert got[-1]["object"] == "asr.utf-8"
-        assert elapsed < clips["question_spans"][0][1] + 3.0
+        assert elapsed < clips["question_spans"][0][1] + 6.0  # before rule2 could have ended it
         for work_id in (whisper, vad):
             assert action(c, work_id, "exit")["error"]["code"] == 0
 
