@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = int(os.environ.get("UNITBUS_THREADS", "0")) or min(2, os.cpu_count() or 1)
 _MADV_PAGEOUT = 21  # Linux madvise advice: reclaim these pages now if they are clean (never discards data)
+_M_ARENA_MAX = -8  # glibc mallopt parameter: how many malloc arenas threads share
+MALLOC_ARENAS = 2
 
 
 def choose_providers(available: Sequence[str], wanted: Sequence[str] | None = None) -> list[str]:
@@ -78,6 +80,19 @@ def _glibc() -> Any:
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def limit_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc malloc arenas in this process: call it before any thread starts.
+
+    glibc gives each new thread its own arena, up to 8 per core, and a freed block can only be reused by
+    the arena it came from: onnxruntime's pool threads and the unit's job threads then each keep their
+    own high-water mark. Measured on the voice chain after 8 questions: asr 233 -> 203 MB PSS.
+    An explicit MALLOC_ARENA_MAX in the environment wins.
+    """
+    libc = _glibc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def return_memory_to_os(mapped_file: Path | None = None) -> None:

@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 5  # 5: tokenizer.npz records its pair shift; the chat form is decided here
 BLOCK = 32
-# Page-aligned offsets let onnxruntime memory-map the external data instead of reading it into the heap.
-_ALIGN = 4096
-_SMALL_INITIALIZER = 1024
 # Token texts llama.cpp also treats as end of generation when they are control tokens.
 _END_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
 # GGML type ids (gguf.GGMLQuantizationType) this converter reads.
@@ -421,25 +418,10 @@ def save_embeddings(embd: Weight, path: Path) -> dict[str, Any]:
 
 
 def save_model(model: Any, out_dir: Path) -> None:
-    """model.onnx + model.onnx.data, big initializers page-aligned in the data file so onnxruntime
-    memory-maps them (and unmaps those its kernels repack)."""
-    from onnx import TensorProto
+    """model.onnx + model.onnx.data, memory-mapped by onnxruntime (models/onnx_graph.py)."""
+    from models.onnx_graph import save_with_external_data
 
-    data_name = "model.onnx.data"
-    with open(out_dir / data_name, "wb") as f:
-        for tensor in model.graph.initializer:
-            if len(tensor.raw_data) < _SMALL_INITIALIZER:
-                continue
-            offset = f.tell() + (-f.tell()) % _ALIGN
-            f.write(b"\0" * (offset - f.tell()))
-            f.write(tensor.raw_data)
-            length = len(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = k, v
-    (out_dir / "model.onnx").write_bytes(model.SerializeToString())
+    save_with_external_data(model, out_dir / "model.onnx")
 
 
 # --------------------------------------------------------------------------- cache

@@ -31,7 +31,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 4
+# 5: weights in page-aligned encoder.onnx.data / decoder.onnx.data (memory-mapped); 6: tokenizer.npz
+CONVERTER_VERSION = 6
 QUANTIZATIONS = ("int8", "fp32")
 # CTranslate2 DataType enum values.
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -285,7 +286,8 @@ def build_decoder(w: dict[str, np.ndarray], quantization: str) -> Any:
 
 # --------------------------------------------------------------------------- cache
 
-REQUIRED = ("encoder.onnx", "decoder.onnx", "dims.json", *_COPIED_FILES)
+REQUIRED = ("encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data", "dims.json", "tokenizer.npz",
+            *_COPIED_FILES)
 
 
 def stamp(model_dir: Path, quantization: str) -> dict[str, Any]:
@@ -311,19 +313,22 @@ def convert(model_dir: str | Path, out_dir: str | Path, quantization: str = "int
     model_dir, out_dir = Path(model_dir), Path(out_dir)
 
     def build(folder: Path) -> None:
-        from onnx import save_model
         from tqdm import tqdm
+
+        from models.bpe_tables import save_bpe
+        from models.onnx_graph import save_with_external_data
 
         with tqdm(total=4, desc=f"convert {out_dir.name}", unit="step") as bar:
             weights = read_ct2(model_dir / "model.bin")
             bar.update()
             # The encoder stays fp32: over many frames 8-bit MatMulNBits measured no faster than fp32 here.
-            save_model(build_encoder(weights, "fp32"), str(folder / "encoder.onnx"))
+            save_with_external_data(build_encoder(weights, "fp32"), folder / "encoder.onnx")
             bar.update()
-            save_model(build_decoder(weights, quantization), str(folder / "decoder.onnx"))
+            save_with_external_data(build_decoder(weights, quantization), folder / "decoder.onnx")
             bar.update()
             for name in _COPIED_FILES:
                 shutil.copy2(model_dir / name, folder / name)
+            save_bpe(model_dir / "tokenizer.json", folder / "tokenizer.npz")  # the engine decodes with its token bytes
             (folder / "dims.json").write_text(json.dumps(model_dims(weights)))
             bar.update()
         log.info("converted %s to %s (%s)", model_dir, out_dir, quantization)

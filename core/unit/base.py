@@ -22,7 +22,7 @@ from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_ref, split_board
 from core.manifest import ManifestStore, merge_params
-from core.runtime import return_memory_to_os
+from core.runtime import limit_malloc_arenas, return_memory_to_os
 from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
@@ -168,6 +168,7 @@ class Unit(Session, Generic[S]):
     # process -----------------------------------------------------------------------------------
     @classmethod
     def main(cls, argv: list[str] | None = None) -> None:
+        limit_malloc_arenas()
         parser = argparse.ArgumentParser(prog=f"unitbus-{cls.name}", description=f"the unitbus {cls.name} unit")
         parser.add_argument("--config", help="path of unitbus.toml")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -8,6 +8,10 @@ token banned so both generate exactly --tokens tokens:
 - decode tok/s: the following tokens, through the engine's public generate() for unitbus;
 - RSS: resident memory of the process after loading and generating.
 The best of --rounds fresh processes per side is reported (the machine is shared and noisy).
+Before the table it prints the CPU, the flags that pick each side's kernels (avx2, avx512f, avx512_vnni,
+avx_vnni), which kernels each side ran (onnxruntime: the MatMulNBits bits / block size / accuracy level
+of the converted graph and the MLAS dispatch those flags select; llama.cpp: its system_info), so a run on
+another machine can be read against this one.
 llama-cpp-python is only a peer: build it in a throwaway venv
 (`python -m venv /tmp/peer-llama && /tmp/peer-llama/bin/pip install llama-cpp-python`), never here.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -32,6 +37,50 @@ def rss_mb() -> tuple[float, float]:
     status = Path("/proc/self/status").read_text()
     value = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith(("VmRSS", "VmHWM"))}
     return value["VmRSS"] / 1024, value["VmHWM"] / 1024
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni")
+
+
+def cpu_facts() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags from /proc/cpuinfo."""
+    model, flags = platform.processor() or "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return model, flags
+
+
+def mlas_dispatch(flags: set[str]) -> str:
+    """The MatMulNBits kernel family onnxruntime's MLAS picks on these flags (its platform.cpp order:
+    AVX-512 F/BW/DQ/VL, then with AVX512-VNNI the VNNI one; else AVX-VNNI; else AVX2)."""
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "Avx512vnni" if "avx512_vnni" in flags else "Avx512"
+    if "avx_vnni" in flags:
+        return "Avx2vnni"
+    return "Avx2" if "avx2" in flags else "none (SSE)"
+
+
+def graph_kernels(model_dir: Path) -> str:
+    """MatMulNBits nodes of the converted graph by (bits, block size, accuracy level), other op counts."""
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    nbits: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
+    for node in model.graph.node:
+        ops[node.op_type] += 1
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            nbits[f"{a['bits']}-bit block {a['block_size']} accuracy_level {a.get('accuracy_level', 0)}"] += 1
+    return (", ".join(f"{n} x {k}" for k, n in sorted(nbits.items())) + f"; {len(model.graph.node)} nodes ("
+            + ", ".join(f"{op} {n}" for op, n in ops.most_common(6)) + ")")
 
 
 def child_unitbus(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
@@ -53,8 +102,13 @@ def child_unitbus(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
         ttft.append(gen.usage.prompt_ms)
         tps.append((len(gen.tokens) - 1) / (gen.usage.decode_ms / 1000.0))
     rss, peak = rss_mb()
+    import onnxruntime
+
+    kernels = (f"onnxruntime {onnxruntime.__version__}, MLAS {mlas_dispatch(cpu_facts()[1])} dispatch; "
+               + graph_kernels(engine.model_dir))
     return {"prompt_tokens": len(ids), "ttft_ms": sorted(ttft[1:])[len(ttft[1:]) // 2],
-            "decode_tps": sorted(tps[1:])[len(tps[1:]) // 2], "rss_mb": rss, "peak_mb": peak, "load_s": load_s}
+            "decode_tps": sorted(tps[1:])[len(tps[1:]) // 2], "rss_mb": rss, "peak_mb": peak, "load_s": load_s,
+            "kernels": kernels}
 
 
 def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
@@ -84,8 +138,21 @@ def child_peer(gguf: str, threads: int, tokens: int, repeats: int) -> dict:
         ttft.append((t1 - t0) * 1000)
         tps.append((tokens - 1) / (t2 - t1))
     rss, peak = rss_mb()
+    import llama_cpp
+
+    kernels = f"llama-cpp-python {llama_cpp.__version__}; " + llama_cpp.llama_print_system_info().decode().strip()
     return {"prompt_tokens": len(ids), "ttft_ms": sorted(ttft[1:])[len(ttft[1:]) // 2],
-            "decode_tps": sorted(tps[1:])[len(tps[1:]) // 2], "rss_mb": rss, "peak_mb": peak, "load_s": load_s}
+            "decode_tps": sorted(tps[1:])[len(tps[1:]) // 2], "rss_mb": rss, "peak_mb": peak, "load_s": load_s,
+            "kernels": kernels}
+
+
+def print_machine(ours: dict, peer: dict) -> None:
+    """The CPU, its kernel-selecting flags and what each side ran (one line each)."""
+    model, flags = cpu_facts()
+    have = ", ".join(f"{f}={'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    print(f"cpu: {model}, {os.cpu_count()} cores; {have}; load average {os.getloadavg()[0]:.1f}")
+    print(f"unitbus kernels: {ours['kernels']}")
+    print(f"llama.cpp kernels: {peer['kernels']}")
 
 
 def run_child(python: str, side: str, args: argparse.Namespace, gguf: str, script: str = __file__) -> dict:
@@ -154,6 +221,7 @@ def main() -> None:
         ("peak resident memory (MB)", "peak_mb", False, ""),
         ("load time (s)", "load_s", False, ""),
     ]
+    print_machine(ours[0], peer[0])
     print(f"SmolLM2-135M-Instruct Q4_1, {args.threads} threads, {args.tokens} greedy tokens, "
           f"best of {args.rounds} processes x median of {args.repeats} runs")
     print(f"{'metric':48s} {'unitbus':>10s} {'llama.cpp':>10s} {'ratio':>7s}  target")

@@ -3,10 +3,11 @@
 Sets up the README's chain (kws -> asr -> llm -> tts, fed by the audio unit, with vad and the HTTP
 gateway running as on a board) on a `unitbus up` stack, pushes N spoken questions ("hey jarvis" and a
 question, espeak-ng voices) through the audio unit's `capture` action, waits for each spoken answer to
-finish playing, and prints the proportional set size (PSS: shared pages split among the processes that
-map them, so the column adds up to what the stack costs the board) of every process. The peer column is
-what the same units' model files weigh on disk: a stack cannot cost less than the weights it runs, unless
-it maps them without touching them.
+be synthesized whole (no tts audio for QUIET_S), and prints the proportional set size (PSS: shared pages
+split among the processes that map them, so the column adds up to what the stack costs the board) of
+every process between questions, and each process's peak resident size over the run (VmHWM: what it held
+while it worked, shared pages counted in full). The peer column is what the same units' model files weigh
+on disk: a stack cannot cost less than the weights it runs, unless it maps them without touching them.
 
     python tests/bench/bench_memory.py [--questions 100]
 
@@ -36,11 +37,19 @@ QUESTIONS = [
 ]
 VOICES = [("en-us", 150), ("en-gb", 150), ("en-us", 130)]
 MODULES = {"core.sys": "sys", "firmware_bridge.http": "http", "firmware_bridge": "bridge"}
+QUIET_S = 3.0  # no tts audio for this long after the llm's answer ended: the answer is all spoken
 
 
 def pss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -92,9 +101,18 @@ def _openwakeword_models() -> list[Path]:
 
 
 def ask(c: StackFlowClient, clip, llm: str, tts: str, n: int) -> None:
+    """One spoken question, back when its answer is synthesized whole."""
     voiceaudio.capture(c, clip, f"q{n}")
     voiceaudio.outputs_until(c, lambda got: any(m["work_id"] == llm and m["data"]["finish"] for m in got)
                              and any(m["work_id"] == tts for m in got), 120)
+    quiet_from = time.monotonic()
+    while time.monotonic() - quiet_from < QUIET_S:
+        try:
+            message = c.read(timeout=QUIET_S)
+        except TimeoutError:
+            return
+        if message["work_id"] == tts:
+            quiet_from = time.monotonic()
 
 
 def main() -> None:
@@ -126,10 +144,10 @@ def main() -> None:
             started = time.monotonic()
             for n in range(args.questions):
                 ask(c, clips[n % len(clips)], llm, tts, n)
-                time.sleep(3.0)  # the answer plays out before the next question, as a person would wait
                 if n == 0:
                     rows["after 1"] = snapshot(stack)
             rows[f"after {args.questions}"] = snapshot(stack)
+            peaks = {name: peak_rss_mb(pid) for name, pid in processes(stack).items()}
             elapsed = time.monotonic() - started
     finally:
         stack.stop(check=False)
@@ -138,11 +156,13 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"cpu: {cpu}, {os.cpu_count()} cores; {args.questions} questions in {elapsed:.0f} s")
-    print(f"{'process':10s} " + " ".join(f"{k + ' MB':>14s}" for k in rows) + f" {'model files MB':>15s}")
+    print(f"{'process':10s} " + " ".join(f"{k + ' MB':>14s}" for k in rows) + f" {'peak RSS MB':>12s}"
+          + f" {'model files MB':>15s}")
     for name in names:
-        print(f"{name:10s} " + " ".join(f"{rows[k].get(name, 0):14.1f}" for k in rows) + f" {weights.get(name, 0):15.1f}")
+        print(f"{name:10s} " + " ".join(f"{rows[k].get(name, 0):14.1f}" for k in rows)
+              + f" {peaks.get(name, 0):12.1f} {weights.get(name, 0):15.1f}")
     print(f"{'total':10s} " + " ".join(f"{sum(r.values()):14.1f}" for r in rows.values())
-          + f" {sum(weights.values()):15.1f}")
+          + f" {'':12s} {sum(weights.values()):15.1f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.shared import Share, load_alone
+from models.bpe_tables import PieceTable
 
 from .mel import HOP, SAMPLE_RATE, log_mel, pcm_to_float
 
@@ -52,18 +53,16 @@ class _Model:
 
     encoder: Any
     decoder: Any
-    tokenizer: Any
+    tokenizer: PieceTable
     dims: dict[str, int]
     suppress: np.ndarray
     suppress_begin: np.ndarray
     encoder_outputs: list[str]
-    silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window
+    silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window (fp16)
 
 
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
-    from tokenizers import Tokenizer
-
-    from core.runtime import create_session
+    from core.runtime import create_session, return_memory_to_os
 
     config = json.loads((cache / "config.json").read_text())
     options = {"session.intra_op.allow_spinning": "1" if spin else "0"}
@@ -77,12 +76,18 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
             for i in range(dims["enc_layers"]) for kind in "kv"}
     feed["mel"] = np.zeros((1, dims["n_mels"], FULL_WINDOW_FRAMES), dtype=np.float32)
     names = [o.name for o in encoder.get_outputs()]
-    silence = dict(zip(names, encoder.run(names, feed)))
+    # Kept in fp16 (half of 37 MB for tiny): padding frames' K/V, cast back to fp32 for each window.
+    silence = {name: value.astype(np.float16) for name, value in zip(names, encoder.run(names, feed))}
+    decoder = create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
+                             shapes_vary=True, arena=False)
+    # The weights are memory-mapped (models/whisper_ct2.py): the pages read to repack them, and the
+    # token table's, need not stay resident; those used again are read back from the file.
+    for name in ("encoder.onnx.data", "decoder.onnx.data"):
+        return_memory_to_os(cache / name)
     return _Model(
         encoder=encoder,
-        decoder=create_session(cache / "decoder.onnx", threads=decoder_threads or None, options=options,
-                               shapes_vary=True, arena=False),
-        tokenizer=Tokenizer.from_file(str(cache / "tokenizer.json")),
+        decoder=decoder,
+        tokenizer=PieceTable(cache / "tokenizer.npz"),
         dims=dims,
         suppress=np.asarray(config.get("suppress_ids", []), dtype=np.int64),
         suppress_begin=np.asarray(config.get("suppress_ids_begin", []), dtype=np.int64),
@@ -138,7 +143,7 @@ class AsrEngine:
         if len(pcm) < HOP:
             return ""
         tokens = self.decode(self.features(pcm))
-        return self._m.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return self._m.tokenizer.decode(tokens).strip()
 
     def decode(self, mel: np.ndarray) -> list[int]:
         """Greedy text tokens for an encoder input, [] when the no-speech rule skips it."""
@@ -146,10 +151,12 @@ class AsrEngine:
         n = mel.shape[-1] // 2
         # The frames past the window get what a silent 30 s window gives them, at every encoder layer
         # and in the cross-attention: encoder and decoder attend over Whisper's usual 1500 positions.
-        feed = {"tail_" + name[len("self_"):]: value[:, :, n:] for name, value in m.silence.items() if name.startswith("self_")}
+        feed = {"tail_" + name[len("self_"):]: value[:, :, n:].astype(np.float32)
+                for name, value in m.silence.items() if name.startswith("self_")}
         feed["mel"] = mel
         cross = m.encoder.run(m.encoder_outputs, feed)
-        feed = {name: np.concatenate([c, m.silence[name][:, :, n:]], axis=2) for name, c in zip(m.encoder_outputs, cross)}
+        feed = {name: np.concatenate([c, m.silence[name][:, :, n:]], axis=2, dtype=np.float32)
+                for name, c in zip(m.encoder_outputs, cross)}
         for i in range(m.dims["dec_layers"]):
             empty = np.zeros((1, m.dims["dec_heads"], 0, m.dims["d_model"] // m.dims["dec_heads"]), dtype=np.float32)
             feed[f"past_k_{i}"] = feed[f"past_v_{i}"] = empty

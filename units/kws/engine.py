@@ -339,13 +339,15 @@ def load_kws(params: dict) -> KwsModel:
     """
     merged = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
     threads = int(merged.get("threads") or 1)
-    mel = create_session(_resolve_file(merged["melspectrogram_model"]), threads=threads)
+    # No onnxruntime pool: these graphs' tensors are small, and the pool's chunks (23 MB resident for the
+    # embedding graph, whose 1.3 MB of weights came as bytes) cost more than the allocations they save.
+    mel = create_session(_resolve_file(merged["melspectrogram_model"]), threads=threads, arena=False)
     graph, caches = stream_graph.cached_build(_resolve_file(merged["embedding_model"]))
-    emb = create_session(graph, threads=threads)
+    emb = create_session(graph, threads=threads, arena=False)
     explicit = bool(merged.get("keyword_models"))
     heads: dict[str, _Head] = {}
     for path in _head_files(merged):
-        session = create_session(path, threads=1)
+        session = create_session(path, threads=1, arena=False)
         if not _is_single_score_head(session):
             if explicit:
                 raise ValueError(f"{path.name} is not a single-score wake word head")

@@ -287,7 +287,10 @@ class Generation:
 class LlmEngine:
     """A loaded model. Thread-safe: every call builds its own per-sequence state."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, context_length: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, context_length: int | None = None,
+                 spin: bool = True):
+        """`spin`: onnxruntime's worker threads spin between ops (the fastest decode on cores of its own);
+        off, they sleep, leaving the cores to the other units between ops."""
         from core.runtime import create_session
 
         self.model_dir = Path(model_dir)
@@ -295,7 +298,8 @@ class LlmEngine:
         t0 = time.perf_counter()
         self.tokenizer = TextTokenizer(self.model_dir / "tokenizer.npz", self.config["special_ids"])
         return_memory_to_os()  # before the session allocates on top of the parser's freed memory
-        self.session = create_session(self.model_dir / "model.onnx", threads=threads)
+        self.session = create_session(self.model_dir / "model.onnx", threads=threads,
+                                      options=None if spin else {"session.intra_op.allow_spinning": "0"})
         return_memory_to_os((self.model_dir / "model.onnx.data").resolve())
         spec = self.config["embedding"]
         self.embeddings = EmbeddingRows(self.model_dir / spec["file"], spec, int(self.config["n_embd"]))
@@ -432,7 +436,7 @@ class LlmEngine:
 def load_llm(params: Mapping[str, Any], report: Callable[[int], None] | None = None) -> LlmEngine:
     """An engine from a manifest's merged mode_param: "gguf" (pkg://... or an absolute path; converted
     once into the cache, `report(percent)` following a conversion) or "model_dir" (an already converted
-    folder), "context_length", "threads"."""
+    folder), "context_length", "threads", "spin" (default true)."""
     if params.get("model_dir"):
         model_dir = Path(params["model_dir"])
     else:
@@ -441,4 +445,4 @@ def load_llm(params: Mapping[str, Any], report: Callable[[int], None] | None = N
         model_dir = ensure_converted(gguf_path_of(params), progress=False, report=report)
     threads = int(params["threads"]) if params.get("threads") else None
     ctx = int(params["context_length"]) if params.get("context_length") else None
-    return LlmEngine(model_dir, threads=threads, context_length=ctx)
+    return LlmEngine(model_dir, threads=threads, context_length=ctx, spin=bool(params.get("spin", True)))

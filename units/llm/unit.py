@@ -52,6 +52,9 @@ class LlmUnit(Unit[LlmState]):
         "keep_context": False,
         "context_overflow": "error",
         "enkws": False,
+        # onnxruntime's threads spin between ops: off, the cores go to audio, vad and kws in between
+        # (bench_contention.py); a task with another value loads its own session.
+        "spin": True,
     }
     default_input = "llm.utf-8"
     default_response_format = "llm.utf-8.stream"
@@ -69,7 +72,7 @@ class LlmUnit(Unit[LlmState]):
         progress = task.progress
         if progress:
             progress(0)
-        key = ("llm", task.manifest.mode, str(params.get("gguf") or params.get("model_dir")))
+        key = ("llm", task.manifest.mode, str(params.get("gguf") or params.get("model_dir")), params["spin"])
         try:
             # A first setup may convert the GGUF: its progress is reported as the "converting" stage.
             report = (lambda percent: progress(percent, "converting")) if progress else None

@@ -305,11 +305,11 @@ class PiperModel:
 
             built = source != model  # a build in the cache: its folder names it
             front, decoder, voice.frames_name = split_voice(source, f"{source.parent.name if built else model.stem}-split")
-            voice.session = create_session(front, threads=threads, options=options, shapes_vary=True)
-            voice.decoder = create_session(decoder, threads=threads, options=options, shapes_vary=True)
+            voice.session = create_session(front, threads=threads, options=options, shapes_vary=True, arena=False)
+            voice.decoder = create_session(decoder, threads=threads, options=options, shapes_vary=True, arena=False)
         except (ImportError, ValueError, OSError) as exc:
             log.warning("the voice %s cannot be split at its decoder (%s): each sentence's audio comes whole", model, exc)
-            voice.session = create_session(source, threads=threads, options=options, shapes_vary=True)
+            voice.session = create_session(source, threads=threads, options=options, shapes_vary=True, arena=False)
         if "sid" in {i.name for i in voice.session.get_inputs()} and int(cfg.get("num_speakers", 1)) > 1:
             voice.speaker_id = 0
         voice._warm_up(espeak)

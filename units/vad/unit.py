@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import ErrorCode, UnitError
 from core.microphone import PCM_SOURCE, PcmFeed, frame_playing
 from core.unit import Job, Task, Unit
 from units.vad import UNIT
-from units.vad.engine import WINDOW, VadModel, VadSegmenter, load_vad
+
+if TYPE_CHECKING:
+    from units.vad.engine import VadModel, VadSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class VadUnit(Unit[VadState]):
     needs_text = False
 
     def load(self, task: Task[VadState]) -> VadState:
+        # Imported with the first task: a vad unit nobody sets up (the README's chain) stays without numpy
+        # and onnxruntime (8 MB less).
+        from units.vad.engine import WINDOW, load_vad
+
         params = task.params
         if params["silero_vad.window_size"] != WINDOW:  # checked here too: a shared model skips load_vad
             raise UnitError(ErrorCode.MODEL_LOADING, f"silero_vad.window_size must be {WINDOW} at 16 kHz")

@@ -44,7 +44,8 @@ def test_quantize_nbits8_roundtrip():
 
 def test_manifest_converts_and_cache_is_reused(manifest, source):
     out = whisper_ct2.convert_manifest(manifest)
-    assert {"encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json", "dims.json", "build.json"} <= {p.name for p in out.iterdir()}
+    assert {"encoder.onnx", "encoder.onnx.data", "decoder.onnx", "decoder.onnx.data", "tokenizer.json", "config.json",
+            "dims.json", "build.json"} <= {p.name for p in out.iterdir()}
     assert whisper_ct2.cache_is_current(out, source, "int8")
     assert not whisper_ct2.cache_is_current(out, source, "fp32")
     stamp = (out / "decoder.onnx").stat().st_mtime_ns
@@ -91,3 +92,20 @@ def test_int8_decoder_agrees_with_fp32(tmp_path, source, asr_engine, spoken_comm
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
     same = sum(asr_engine.transcribe(x) == fp32.transcribe(x) for x in pcm)
     assert same >= 5
+
+
+def test_piece_table_decodes_as_the_tokenizer(manifest):
+    """The engine's decoding from tokenizer.npz is the `tokenizers` library's, special tokens skipped."""
+    from tokenizers import Tokenizer
+
+    from models.bpe_tables import PieceTable
+
+    out = whisper_ct2.convert_manifest(manifest)
+    table, reference = PieceTable(out / "tokenizer.npz"), Tokenizer.from_file(str(out / "tokenizer.json"))
+    texts = ["What is the capital of France?", " naïve café, 10% off — ½ price! 東京", "<|endoftext|> hello"]
+    rng = np.random.default_rng(0)
+    samples = [reference.encode(t).ids for t in texts]
+    samples += [rng.integers(0, 50256, 12).tolist() for _ in range(50)]  # byte pieces that split a character
+    samples += [[50257, 50362, *reference.encode(" Paris.").ids, 50256]]  # Whisper's prompt and end tokens
+    for ids in samples:
+        assert table.decode(ids) == reference.decode(ids, skip_special_tokens=True), ids

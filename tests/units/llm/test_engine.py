@@ -196,6 +196,18 @@ def test_context_limit(model_dir):
     assert gen.finish_reason == "length" and len(gen.tokens) + gen.usage.prompt_tokens == 24
 
 
+def test_threads_that_sleep_between_ops_decode_the_same_tokens(engine, model_dir, manifest):
+    """spin: false only changes how onnxruntime's threads wait, never what the model computes."""
+    from units.llm.engine import load_llm
+
+    sleeping = load_llm({**manifest["mode_param"], "threads": 2, "spin": False})
+    assert sleeping.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning
+        engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    prompt = engine.chat_prompt([{"role": "user", "content": "Write a short poem about the sea."}])
+    assert greedy(sleeping, prompt, 48)[0].tokens == greedy(engine, prompt, 48)[0].tokens
+
+
 def test_load_llm_reuses_the_conversion(model_dir, manifest):
     from models.gguf_llama import convert_manifest
 
