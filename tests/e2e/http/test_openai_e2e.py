@@ -173,10 +173,10 @@ def test_cancel_extension_ends_stream_early(http_stack):
     assert httpx.post(http_stack.url("openai", "/v1/cancel"), json={"id": rid}).status_code == 404
 
 
-def test_queue_full_is_503_with_retry_after(http_stack):
+def test_queue_full_is_503_with_retry_after(http_stack, long_story):
     # http.max_queue is 1 in this stack: one request runs, one waits, the third is refused at once.
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 150,
-            "stream": True}
+    # The held requests cannot end early (long_story bans the end tokens), so the queue is still full.
+    body = {**long_story, "stream": True}
     results: list[int] = []
     finished: list[int] = []
 
