@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -61,6 +60,8 @@ def key(path: Path) -> str:
     """The registration key in `path`, created on first use (by whichever process starts first)."""
     file = path / KEY_FILE
     if not file.exists():
+        import secrets  # here: it loads OpenSSL, which only the process creating the key needs
+
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".bus.key.")  # mkstemp files are 0600
         try:
             with os.fdopen(fd, "w") as out:
