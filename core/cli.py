@@ -16,8 +16,20 @@ from core.settings import Settings, SettingsError, parse_assignments
 
 log = logging.getLogger("unitbus")
 
-SERVICES = ("unitbus-sys.service", "unitbus-unit@.service", "unitbus-bridge.service", "unitbus-http.service",
-            "unitbus-wyoming.service", "unitbus-fleet.service", "unitbus-nats.service")
+CORE_SERVICES = ("unitbus-sys.service", "unitbus-unit@.service")
+
+
+def service_name(process: str) -> str:
+    return f"unitbus-{process}.service"
+
+
+def face_processes() -> dict[str, str]:
+    """Every process a face may run, by name: its module."""
+    processes: dict[str, str] = {}
+    for face in registry.faces().values():
+        processes[face.name] = face.module
+        processes.update((helper.name, helper.module) for helper in face.helpers)
+    return processes
 
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, Any]]:
@@ -54,11 +66,18 @@ def cmd_up(args: argparse.Namespace) -> int:
                 except Exception:  # sys still starting: keep asking
                     pass
                 await asyncio.sleep(0.1)
-        if settings["up.bridge"] and settings["tcp.enabled"]:
-            await wait_for_port(settings["tcp.bind"], int(settings["tcp.port"]), float(settings["timeouts.setup_s"]))
-        where = f"tcp {settings['tcp.bind']}:{settings['tcp.port']}" if settings["tcp.enabled"] else "no tcp"
-        print(f"unitbus up: sys on {settings.bus_endpoint()}, bridge on {where}, units: {' '.join(units) or 'none'}",
-              flush=True)
+        started = {c.name for c in children}
+        parts = [f"sys on {settings.bus_endpoint()}"]
+        for face in registry.faces().values():
+            if face.name not in started:
+                continue
+            listeners = face.listening(settings)
+            for listener in listeners:
+                await wait_for_port(listener.host, listener.port, float(settings["timeouts.setup_s"]))
+            where = ", ".join(f"{lst.label} {lst.host}:{lst.port}" for lst in listeners) or "no port"
+            parts.append(f"{face.name} on {where}")
+        parts.append(f"units: {' '.join(units) or 'none'}")
+        print("unitbus up: " + ", ".join(parts), flush=True)
 
     return asyncio.run(Supervisor(children, overrides, args.config).run(announce_ready))
 
@@ -133,14 +152,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run one process in the foreground (what the systemd units start)."""
     import runpy
 
-    module = {"sys": "core.sys", "bridge": "firmware_bridge", "http": "firmware_bridge.http",
-              "wyoming": "firmware_bridge.wyoming", "fleet": "firmware_bridge.fleet",
-              "nats": "firmware_bridge.fleet.server"}.get(args.process)
+    module = {"sys": "core.sys", **face_processes()}.get(args.process)
     if module is None:
         info = registry.installed().get(args.process)
         if info is None:
             print(f"unitbus run: no process or installed unit named {args.process} "
-                  f"(units: {' '.join(registry.installed())})", file=sys.stderr)
+                  f"(processes: sys {' '.join(face_processes())}; units: {' '.join(registry.installed())})",
+                  file=sys.stderr)
             return 2
         module = info.module
     sys.argv = [module, *(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), [])]
@@ -180,7 +198,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 # systemd ---------------------------------------------------------------------------------------
 def systemd_source_dir() -> Path:
     for candidate in (Path(__file__).resolve().parent.parent / "systemd", Path(sys.prefix) / "share/unitbus/systemd"):
-        if (candidate / SERVICES[0]).is_file():
+        if (candidate / CORE_SERVICES[0]).is_file():
             return candidate
     raise FileNotFoundError("the systemd unit files are not installed")
 
@@ -197,7 +215,9 @@ def render_services(target: Path, executable: str) -> list[Path]:
     source = systemd_source_dir()
     target.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in SERVICES:
+    # A face installed from elsewhere that ships no unit file here runs under `unitbus up` only.
+    faces = [service_name(process) for process in face_processes()]
+    for name in [*CORE_SERVICES, *(f for f in faces if (source / f).is_file())]:
         text = (source / name).read_text().replace("/usr/local/bin/unitbus", executable)
         path = target / name
         path.write_text(text)
@@ -243,9 +263,10 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
-        units = ["unitbus-sys.service", "unitbus-bridge.service", "unitbus-http.service",
-                 "unitbus-wyoming.service"] + [
-            f"unitbus-unit@{u}.service" for u in args.units or registry.default_units()]
+        settings = Settings.load()
+        faces = [service_name(process.name) for face in registry.faces().values() if face.available()
+                 for process in face.planned(settings)]
+        units = [CORE_SERVICES[0], *faces, *(f"unitbus-unit@{u}.service" for u in args.units or registry.default_units())]
         subprocess.run(["systemctl", "enable", "--now", *units], check=False)
     return 0
 
@@ -275,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=130.0, help="seconds to wait for each message")
     call.set_defaults(func=cmd_call)
 
-    run = sub.add_parser("run", help="run one process in the foreground: sys, bridge, http, wyoming, fleet, nats or a unit name")
+    run = sub.add_parser("run", help="run one process in the foreground: sys, a face's process (bridge, http, "
+                                     "wyoming, fleet, nats) or a unit name")
     common(run)
     run.add_argument("process")
     run.set_defaults(func=cmd_run)

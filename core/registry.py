@@ -1,27 +1,32 @@
-"""Installed units, as they describe themselves: core names no unit.
+"""Installed units and faces, as they describe themselves: core names neither.
 
 A unit package announces itself with an entry point in the group `unitbus.units` whose object is a
 `UnitInfo`: the process to run, the work_id names it answers, the manifest types it loads, its settings
-section (a dataclass: the keys of `[<name>]`, their defaults and types) and, if its models need one, a converter. unitbus's own
-units are registered the same way in setup.cfg as any unit installed from elsewhere.
+section (a dataclass: the keys of `[<name>]`, their defaults and types) and, if its models need one, a
+converter. A face (a bus client speaking a protocol to the outside: the StackFlow bridge, the HTTP
+gateways, Wyoming, the fleet) announces itself in `unitbus.faces` with a `FaceInfo`: its processes, its
+settings sections and the ports `unitbus up` waits for. unitbus's own are registered the same way in
+setup.cfg as any installed from elsewhere.
 
-The descriptor is read without starting the unit, so it lives in the unit package's `__init__.py` and
+A descriptor is read without starting its process, so it lives in the package's `__init__.py` and
 imports nothing heavy.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from core.settings import SettingsError, section_defaults
+from core.settings import DEFAULTS, SettingsError, section_defaults
 
 log = logging.getLogger(__name__)
 
 GROUP = "unitbus.units"
+FACE_GROUP = "unitbus.faces"
 
 
 @dataclass(frozen=True)
@@ -45,26 +50,83 @@ class UnitInfo:
         return (self.name, *self.serves)
 
 
+@dataclass(frozen=True)
+class Process:
+    name: str  # the child's name in `unitbus up`, `unitbus run <name>` and systemd's unitbus-<name>.service
+    module: str  # run as `python -m <module>`
+
+
+@dataclass(frozen=True)
+class Listener:
+    label: str  # "tcp", "openai": how the ready line names it
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class FaceInfo:
+    name: str  # its process name; the setting up.<name> lets `unitbus up` start it
+    module: str  # run as `python -m <module>`
+    settings: Mapping[str, type[Any]] = field(default_factory=dict)  # its sections: {"tcp": TcpSettings}
+    requires: tuple[str, ...] = ()  # modules it needs (an optional extra): without one it is not started
+    start_by_default: bool = True  # the default of up.<name>
+    # What `unitbus up` starts for it (when up.<name> is true): default, its own process. The fleet
+    # starts nothing until it is given a NATS server, and then perhaps a nats-server of its own too.
+    processes: Callable[[Any], list[Process]] | None = None
+    helpers: tuple[Process, ...] = ()  # processes other than its own that `processes` may return
+    listens: Callable[[Any], list[Listener]] | None = None  # ports `unitbus up` waits for before it is ready
+
+    def planned(self, settings: Any) -> list[Process]:
+        if not settings[f"up.{self.name}"]:
+            return []
+        return self.processes(settings) if self.processes is not None else [Process(self.name, self.module)]
+
+    def listening(self, settings: Any) -> list[Listener]:
+        return self.listens(settings) if self.listens is not None else []
+
+    def available(self) -> bool:
+        return all(module_exists(module) for module in self.requires)
+
+
+def module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _entries(group: str, kind: type[Any], check: Callable[[Any], object]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for entry in metadata.entry_points(group=group):
+        try:
+            info = entry.load()
+        except Exception as exc:  # noqa: BLE001 - one broken package must not take the others down
+            log.error("%s entry point %s (%s) does not load: %s", group, entry.name, entry.value, exc)
+            continue
+        if not isinstance(info, kind) or info.name != entry.name:
+            log.error("%s entry point %s (%s) is not a %s named %s", group, entry.name, entry.value,
+                      kind.__name__, entry.name)
+            continue
+        try:
+            check(info)
+        except SettingsError as exc:
+            log.error("%s entry point %s (%s): %s", group, entry.name, entry.value, exc)
+            continue
+        found.setdefault(info.name, info)
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def installed() -> dict[str, UnitInfo]:
     """Every installed unit by name (read once per process: entry points do not change while it runs)."""
-    units: dict[str, UnitInfo] = {}
-    for entry in metadata.entry_points(group=GROUP):
-        try:
-            info = entry.load()
-        except Exception as exc:  # noqa: BLE001 - one broken package must not take every unit down
-            log.error("unit entry point %s (%s) does not load: %s", entry.name, entry.value, exc)
-            continue
-        if not isinstance(info, UnitInfo) or info.name != entry.name:
-            log.error("unit entry point %s (%s) is not a UnitInfo named %s", entry.name, entry.value, entry.name)
-            continue
-        try:
-            section(info)
-        except SettingsError as exc:
-            log.error("unit entry point %s (%s): %s", entry.name, entry.value, exc)
-            continue
-        units.setdefault(info.name, info)
-    return units
+    return _entries(GROUP, UnitInfo, section)
+
+
+@functools.lru_cache(maxsize=1)
+def faces() -> dict[str, FaceInfo]:
+    """Every installed face by name, in name order (the order `unitbus up` starts them in)."""
+    found = _entries(FACE_GROUP, FaceInfo, face_sections)
+    return {name: found[name] for name in sorted(found)}
 
 
 def unit_serving(name: str) -> UnitInfo | None:
@@ -102,12 +164,29 @@ def section(info: UnitInfo) -> dict[str, Any]:
     defaults = {f"{info.name}.max_tasks": info.max_tasks}
     if info.settings is not None:
         defaults.update(section_defaults(info.name, info.settings))
+    return _not_core(defaults)
+
+
+def face_sections(info: FaceInfo) -> dict[str, Any]:
+    """A face's settings sections as flat defaults, with up.<name>."""
+    defaults: dict[str, Any] = {f"up.{info.name}": info.start_by_default}
+    for name, schema in info.settings.items():
+        defaults.update(section_defaults(name, schema))
+    return _not_core(defaults)
+
+
+def _not_core(defaults: dict[str, Any]) -> dict[str, Any]:
+    taken = sorted(set(defaults) & set(DEFAULTS))
+    if taken:
+        raise SettingsError(f"{', '.join(taken)}: core's own setting (a package cannot redefine it)")
     return defaults
 
 
 def settings_defaults() -> dict[str, Any]:
-    """The settings sections of every installed unit."""
+    """The settings sections of every installed unit and face."""
     defaults: dict[str, Any] = {}
     for info in installed().values():
         defaults.update(section(info))
+    for face in faces().values():
+        defaults.update(face_sections(face))
     return defaults

@@ -1,7 +1,8 @@
 """One typed Settings: defaults < /etc/unitbus/unitbus.toml < environment < command line (spec §20).
 
-The defaults are core's keys below plus the typed settings section each installed unit declares (a dataclass
-named in its UnitInfo, core/registry.py): core composes them and names none. Each default fixes its key's type.
+The defaults are core's keys below (the bus, framing, tasks, sys) plus the typed settings sections each
+installed unit and face declares (dataclasses named in its UnitInfo or FaceInfo, core/registry.py): core
+composes them and names none. Each default fixes its key's type.
 
 Keys are flat dotted names ("tcp.port"). The TOML file uses sections ([tcp] port = 10001). The
 environment form of a key is UNITBUS_ plus the key upper-cased with dots as underscores
@@ -29,23 +30,8 @@ MIB = 1024 * 1024
 CONFIG_PATH = Path("/etc/unitbus/unitbus.toml")
 
 DEFAULTS: dict[str, Any] = {
-    "tcp.enabled": True,
-    "tcp.port": 10001,
-    "tcp.bind": "127.0.0.1",
-    "tcp.max_connections": 16,
-    "tcp.max_connections_per_address": 0,  # share kept when all slots are taken; 0: half of tcp.max_connections
-    "tcp.idle_timeout_s": 300.0,  # close a connection without a task that sent and got nothing; 0: never
-    "tcp.cancel_on_disconnect": True,
+    "tasks.cancel_on_disconnect": True,  # a connection that closes cancels its tasks' inferences in flight
     "tasks.reclaim_orphans": True,  # a full unit's setup exits idle, unlinked tasks whose owner left
-    "uart.enabled": "auto",
-    "uart.device": "/dev/ttyS1",
-    "uart.baud": 115200,
-    "uart.data_bits": 8,
-    "uart.parity": "n",
-    "uart.stop_bits": 1,
-    "uart.persist": False,
-    "uart.state_file": "/var/lib/unitbus/uart.json",
-    "uart.reset_wait_s": 1.0,
     "framing.max_frame_bytes": 4 * MIB,
     "framing.max_raw_bytes": 4 * MIB,
     "framing.max_stream_bytes": 16 * MIB,
@@ -72,84 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "models.etc_dir": "/etc/unitbus/models/",
     "models.share_dir": "/usr/share/unitbus/models/",
     "up.units": [],  # empty: every installed unit that starts by default (core/registry.py)
-    "up.bridge": True,
-    "up.http": True,
-    "up.wyoming": True,
     "log.level": "INFO",
-    # HTTP gateways (http-apis.md): one process, one listener per API.
-    "http.bind": "127.0.0.1",
-    "http.console": "openai",  # the web console: "openai" (at / of the OpenAI port), a port number, or "off"
-    "http.openai.enabled": True,
-    "http.openai.port": 8000,
-    "http.ollama.enabled": True,
-    "http.ollama.port": 11434,
-    "http.ai00.enabled": True,
-    "http.ai00.port": 65530,
-    "http.cortex.enabled": True,
-    "http.cortex.port": 1337,
-    "http.public_url": "",
-    "http.max_queue": 8,
-    "http.queue_timeout_s": 300.0,
-    "http.keep_alive": "5m",
-    "http.preload": [],
-    "http.abort_load_on_disconnect": False,
-    "http.sse_keepalive_s": 15.0,
-    "http.api_key": "",
-    "http.allow_model_management": False,
-    "http.max_body_bytes": 16 * MIB,
-    "http.max_inflight_per_key": 0,
-    "http.max_inflight_per_ip": 0,
-    "http.header_timeout_s": 10.0,  # a connection whose request headers take longer is closed
-    "http.body_timeout_s": 60.0,  # a request body not all received this long after its headers: 408
-    "http.truncate_history": "",
-    "http.openai.project": "unitbus",
-    "http.openai.dbc_fields": True,
-    "http.openai.dbc_strict_status": False,
-    "http.ollama.reported_version": "0.12.6",
-    "http.ai00.model": "",
-    "http.ai00.prompt": "ai00",
-    "http.ai00.secret": "",
-    "http.ai00.app_keys": [],
-    "http.ai00.expire_sec": 86400,
-    "http.ai00.force_pass": False,
-    "http.ai00.embed_model": "",
-    "http.ai00.max_state_streams": 4,  # /api/models/state streams open at once
-    "http.dbc.enabled": False,
-    "http.dbc.node": "http://127.0.0.1:6000",
-    "http.dbc.project": "unitbus",
-    "http.dbc.cid": "",
-    "http.dbc.models": [],
-    "http.dbc.refresh_s": 60.0,
-    # Wyoming server (Home Assistant voice services): asr, tts, wake and handle from the units.
-    "wyoming.bind": "127.0.0.1",
-    "wyoming.port": 10300,
-    "wyoming.zeroconf": "auto",  # advertise _wyoming._tcp: "auto" (only when bound off loopback), true, false
-    "wyoming.zeroconf_name": "",  # the advertised service name; empty: unitbus-<hostname>
-    "wyoming.keep_alive": "30m",  # idle time before the server's tasks are unloaded; negative: never
-    "wyoming.preload": [],  # models loaded at start and kept
-    "wyoming.handle_model": "",  # the llm answering `transcript` (empty: the first installed llm)
-    "wyoming.handle_prompt": "You are a voice assistant. Answer in one or two short sentences.",
-    "wyoming.handle_max_tokens": 160,
-    # The fleet: boards joined over NATS (protocol.md §21); off while url is empty and serve false.
-    "fleet.url": "",  # nats://host:port of a NATS server (comma-separated for a cluster)
-    "fleet.serve": False,  # also run a nats-server on this board (on fleet.listen)
-    "fleet.listen": "127.0.0.1:4222",
-    "fleet.hub": "",  # nats-leaf://host:7422 of a hub (comma-separated): the served nats-server is its leaf node
-    "fleet.leaf_listen": "",  # host:port where the served nats-server accepts leaf nodes (it is a hub)
-    "fleet.leaf_user": "unitbus",  # leaf node credentials, both ends (or the nkey of fleet.nkey_seed)
-    "fleet.leaf_password": "",
-    "fleet.board": "",  # this board's name in work_ids (llm@kitchen); empty: the host name
-    "fleet.token": "",  # NATS token; a served nats-server requires it
-    "fleet.nkey_seed": "",  # file of an nkey seed (SU...); a served nats-server accepts its public key
-    "fleet.tls_cert": "",
-    "fleet.tls_key": "",
-    "fleet.tls_ca": "",
-    "fleet.alive_s": 0.5,  # each board announces itself this often
-    "fleet.liveness_s": 2.0,  # a board silent this long is gone: its requests in flight are answered
-    "fleet.discover_s": 0.3,  # how long a fleet-wide listing waits for boards to answer $SRV.PING
-    "fleet.balance": False,  # the HTTP gateways send llm inferences to any board serving the model (llm@*)
-    "fleet.slots": 1,  # load-balanced inferences this board runs at once; more are answered "busy"
-    "fleet.balance_wait_s": 120.0,  # how long a load-balanced inference waits for a board that is not busy
 }
 
 

@@ -1,4 +1,4 @@
-"""`unitbus up`: sys, the bridge, the gateways and the configured units as child processes.
+"""`unitbus up`: sys, the installed faces (bridge, gateways, ...) and the configured units as child processes.
 
 A child that dies is restarted (with a growing delay if it keeps dying); Ctrl-C or SIGTERM stops
 everything: SIGTERM first, SIGKILL for what is still running after a grace period.
@@ -6,7 +6,6 @@ everything: SIGTERM first, SIGKILL for what is still running after a grace perio
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -37,25 +36,15 @@ class Child:
     restarts: int = 0
 
 
-def module_exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def plan(settings: Any) -> list[Child]:
     children = [Child("sys", "core.sys")]
-    if settings["up.bridge"]:
-        children.append(Child("bridge", "firmware_bridge"))
-    if settings["up.http"] and module_exists("firmware_bridge.http.__main__"):
-        children.append(Child("http", "firmware_bridge.http"))
-    if settings["up.wyoming"] and module_exists("firmware_bridge.wyoming.__main__") and module_exists("wyoming"):
-        children.append(Child("wyoming", "firmware_bridge.wyoming"))
-    if (settings["fleet.url"] or settings["fleet.serve"]) and module_exists("firmware_bridge.fleet.__main__"):
-        if settings["fleet.serve"]:
-            children.append(Child("nats", "firmware_bridge.fleet.server"))
-        children.append(Child("fleet", "firmware_bridge.fleet"))
+    for face in registry.faces().values():
+        wanted = face.planned(settings)
+        if wanted and not face.available():
+            missing = [m for m in face.requires if not registry.module_exists(m)]
+            log.info("%s not started: it needs %s, which is not installed", face.name, " ".join(missing))
+            continue
+        children.extend(Child(process.name, process.module) for process in wanted)
     installed = registry.installed()
     for unit in settings["up.units"] or registry.default_units():
         info = installed.get(unit)

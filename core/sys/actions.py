@@ -53,8 +53,6 @@ class SysActions:
     def __init__(self, broker: "Broker"):
         self.broker = broker
         self.settings = broker.settings
-        self.uart = {"baud": self.settings["uart.baud"], "data_bits": self.settings["uart.data_bits"],
-                     "stop_bits": self.settings["uart.stop_bits"], "parity": self.settings["uart.parity"]}
         self.streams = StreamAssembler(int(self.settings["framing.max_stream_bytes"]),
                                        float(self.settings["timeouts.stream_idle_s"]))
         self._reset_done: set[bytes] = set()  # units that reset in place (no supervisor to restart them)
@@ -151,8 +149,8 @@ class SysActions:
     async def do_uartsetup(self, origin: "Origin", request: Request, binary: bytes | None) -> Response | None:
         if not isinstance(request.data, dict):
             raise UnitError(ErrorCode.JSON_FORMAT, "uartsetup data must be an object")
-        new = validate_uart(request.data, self.uart)
-        self.uart = new
+        # Only the given keys go out: the bridge owning the port keeps the others as they are (§7.3).
+        new = validate_uart(request.data)
         self.broker.answer(origin, reply(request, "sys"))
         await asyncio.sleep(0.1)  # reply on the old settings first (spec §7.3)
         for identity, client in list(self.broker.clients.items()):
@@ -371,8 +369,9 @@ def split_utf8(data: bytes, limit: int) -> list[str]:
     return chunks
 
 
-def validate_uart(data: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    new = dict(current)
+def validate_uart(data: dict[str, Any]) -> dict[str, Any]:
+    """The UART keys `data` gives, checked and in their canonical form."""
+    new: dict[str, Any] = {}
     if "baud" in data:
         baud = data["baud"]
         if isinstance(baud, float) and baud.is_integer():

@@ -612,7 +612,7 @@ class Unit(Session, Generic[S]):
         def matches(key: tuple[bytes, int] | None) -> bool:
             return key is not None and key[0] == message.client and (message.conn is None or key[1] == message.conn)
 
-        cancel = bool(self.settings["tcp.cancel_on_disconnect"])
+        cancel = bool(self.settings["tasks.cancel_on_disconnect"])
         self.streams.drop_client(message.client, message.conn)
         for task in list(self.tasks.values()):
             if matches(task.owner):

@@ -134,3 +134,50 @@ def test_work_ids_and_object_types_parse_exactly():
     assert WorkId.parse("LLM") is None and WorkId.parse("llm.x") is None
     t = ObjectType.parse("asr.wav.stream.base64")
     assert t.stream and t.base64 and t.has("wav") and not ObjectType.parse("llm.streaming").stream
+
+
+def test_faces_declare_their_sections_and_core_keeps_only_its_own(tmp_path):
+    from firmware_bridge import TcpSettings
+    from firmware_bridge.http import OpenAISettings
+
+    from core import registry
+    from core.registry import FaceInfo
+    from core.settings import DEFAULTS
+
+    assert {"bridge", "http", "wyoming", "fleet"} <= set(registry.faces())
+    assert not [key for key in DEFAULTS if key.split(".")[0] in ("tcp", "uart", "http", "wyoming", "fleet")]
+    config = tmp_path / "u.toml"
+    config.write_text("[tcp]\nport = 2000\n[http.openai]\nport = 9000\n")
+    settings = Settings.load(config, ["http.openai.enabled=false"], environ={})
+    assert settings.section("tcp", TcpSettings) == TcpSettings(port=2000)
+    assert settings.section("http.openai", OpenAISettings) == OpenAISettings(port=9000, enabled=False)
+    config.write_text("[http.openai]\nprot = 9000\n")
+    with pytest.raises(SettingsError, match=r"unknown setting http.openai.prot \(did you mean http.openai.port\?\)"):
+        Settings.load(config, environ={})
+
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Stolen:
+        endpoint: str = "tcp://elsewhere"
+
+    with pytest.raises(SettingsError, match="bus.endpoint: core's own setting"):
+        registry.face_sections(FaceInfo("thief", "thief", settings={"bus": Stolen}))
+
+
+def test_up_starts_the_faces_their_settings_ask_for(tmp_path):
+    from core.supervisor import plan
+
+    def planned(*overrides: str) -> list[tuple[str, str]]:
+        settings = Settings.load(None, ["up.units=[\"skel\"]", *overrides],
+                                 environ={"UNITBUS_CONFIG": str(tmp_path / "absent.toml")})
+        return [(child.name, child.module) for child in plan(settings)]
+
+    assert planned() == [("sys", "core.sys"), ("bridge", "firmware_bridge"), ("http", "firmware_bridge.http"),
+                         ("wyoming", "firmware_bridge.wyoming"), ("skel", "units.skel")]
+    assert [name for name, _ in planned("up.http=false", "up.wyoming=false")] == ["sys", "bridge", "skel"]
+    # The fleet starts when it is given a NATS server, with one of its own when it serves one.
+    assert [name for name, _ in planned("up.http=false", "up.wyoming=false", "fleet.url=nats://127.0.0.1:1")] == [
+        "sys", "bridge", "fleet", "skel"]
+    assert ("nats", "firmware_bridge.fleet.server") in planned("fleet.serve=true")
+    assert "fleet" not in dict(planned("fleet.serve=true", "up.fleet=false"))
