@@ -1,17 +1,18 @@
-"""A unit package from outside the tree (tests/e2e/outside_unit) is installed, found through its entry point,
-started by `unitbus up`, and answers over TCP: its name, the name it serves, its manifests and its settings
-section, with no edit to core (core/registry.py)."""
+"""A package from outside the tree (tests/e2e/outside_unit) is installed, its unit and its face found through
+their entry points, started by `unitbus up`, and they answer over TCP: the unit's name, the name it serves,
+its manifests and settings section, the face's section and port, with no edit to core (core/registry.py)."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import StackFlowClient
+from support import StackFlowClient, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +89,28 @@ def test_the_outside_units_published_source_counts_its_subscribers(stack_factory
         assert (heard["work_id"], heard["data"]) == (listener["work_id"], "abc")
         client.request({"request_id": "e", "work_id": listener["work_id"], "action": "exit"})
         assert listeners() == {"rot13.words": 0}
+
+
+def test_the_outside_face_is_started_with_its_section_and_reaches_the_unit(stack_factory, site):
+    port = free_port()
+    stack = stack_factory(["rot13"], {"up.rot13line": "true", "rot13line.port": str(port), "rot13.shift": "1"},
+                          env=environment(site))
+    # `unitbus up` waited for the face's port before it said it was up, and names it.
+    assert f"rot13line on tcp 127.0.0.1:{port}" in stack.log()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        lines = sock.makefile("rwb")
+        lines.write(b"abc\nHello\n")
+        lines.flush()
+        assert (lines.readline(), lines.readline()) == (b"bcd\n", b"Ifmmp\n")
+    with StackFlowClient(stack.port) as client:  # the face's task is on the bus like any client's
+        tasks = client.request({"request_id": "t", "work_id": "rot13", "action": "taskinfo"})["data"]
+        assert tasks == ["rot13.1000"], tasks
+    result = subprocess.run([sys.executable, "-c", "from core.cli import main; main()", "call", "sys", "ping",
+                             "--set", "rot13line.prot=1"], capture_output=True, text=True,
+                            env={**os.environ, **environment(site)}, cwd=Path(__file__).parents[2])
+    assert result.returncode == 2 and "unknown setting rot13line.prot (did you mean rot13line.port?)" in result.stderr
+
+
+def test_a_face_is_off_by_its_up_setting(stack_factory, site):
+    stack = stack_factory(["rot13"], env=environment(site))  # rot13line starts only when up.rot13line is set
+    assert "rot13line" not in stack.log() and "bridge on tcp" in stack.log()

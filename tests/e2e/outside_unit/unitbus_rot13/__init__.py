@@ -1,7 +1,8 @@
-"""rot13: a unit that lives outside the unitbus tree and is found through its entry point."""
+"""rot13: a unit and a face that live outside the unitbus tree and are found through their entry points."""
 from dataclasses import dataclass
+from typing import Any
 
-from core.registry import UnitInfo
+from core.registry import FaceInfo, Listener, UnitInfo
 
 
 @dataclass(frozen=True)
@@ -12,3 +13,18 @@ class Rot13Settings:
 
 UNIT = UnitInfo("rot13", "unitbus_rot13.unit", serves=("caesar",), manifests="pkg://unitbus_rot13/manifests",
                 settings=Rot13Settings)
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    """[rot13line] in unitbus.toml: the face's own section."""
+    bind: str = "127.0.0.1"
+    port: int = 7013
+
+
+def listening(settings: Any) -> list[Listener]:
+    return [Listener("tcp", settings["rot13line.bind"], int(settings["rot13line.port"]))]
+
+
+FACE = FaceInfo("rot13line", "unitbus_rot13.face", settings={"rot13line": LineSettings}, start_by_default=False,
+                listens=listening)
