@@ -168,32 +168,25 @@ class BusClient:
     async def _receive(self) -> None:
         while True:
             assert self._sock is not None
-            sock = self._sock
             try:
-                message = await sock.recv()
-            except asyncio.CancelledError:
-                raise
+                await self._sock.serve(self._message)
             except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
                 continue
-            except bus.BadMessage as exc:  # a malformed frame from the bus must not stop the client
-                log.error("bad bus message dropped: %s", exc)
-                continue
-            except Exception:  # a bug in receiving must not stop the loop
-                log.exception("bus receive failed")
-                continue
-            self._last_seen = time.monotonic()
-            if isinstance(message, bus.Msg):
-                self._deliver(message)
-            elif isinstance(message, bus.Control) and message.op == "refused":
-                log.error("sys refused this client: %s", message.data)
-                self._fail_pending(f"sys refused this process: {message.data}")
-            elif isinstance(message, bus.Control):
-                if self.on_control is not None:
-                    self.on_control(message)
-            elif isinstance(message, bus.Hello):
-                # sys does not know us: it restarted (or forgot us), and what it was carrying for us is lost.
-                self._fail_pending("sys restarted; the request was lost, send it again")
-                self._hello()
+
+    def _message(self, message: bus.Message) -> None:
+        self._last_seen = time.monotonic()
+        if isinstance(message, bus.Msg):
+            self._deliver(message)
+        elif isinstance(message, bus.Control) and message.op == "refused":
+            log.error("sys refused this client: %s", message.data)
+            self._fail_pending(f"sys refused this process: {message.data}")
+        elif isinstance(message, bus.Control):
+            if self.on_control is not None:
+                self.on_control(message)
+        elif isinstance(message, bus.Hello):
+            # sys does not know us: it restarted (or forgot us), and what it was carrying for us is lost.
+            self._fail_pending("sys restarted; the request was lost, send it again")
+            self._hello()
 
     def _deliver(self, message: bus.Msg) -> None:
         if message.tag is not None and message.tag not in self._pending and message.tag not in self._waiters:

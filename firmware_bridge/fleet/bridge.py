@@ -328,46 +328,42 @@ class FleetBridge:
 
     async def _unit_loop(self) -> None:
         assert self.sock is not None
-        while True:
-            try:
-                message = await self.sock.recv()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a malformed frame must not stop the bridge
-                log.exception("bad bus message")
-                continue
-            if isinstance(message, bus.Req) and message.route is not None:
-                self._track(self.forwarding, (message.route[0], message.route[2]), self.spawn(self._forward(message)))
-            elif isinstance(message, bus.Gone):
-                self._local_gone(message.client, message.conn)
-            elif isinstance(message, bus.Hello):
-                self._hello()  # sys restarted and does not know us
-                for end in [*self.imports.values(), *self.exports.values()]:
-                    self._announce_end(end)
-            elif isinstance(message, bus.Chain):
-                self._chain_out(message)
-            elif isinstance(message, bus.TaskEvent) and message.op == "down":
-                self._source_down(message.work_id)
-            elif isinstance(message, bus.Control) and message.op == IMPORT:
-                self.spawn(self._import(message.data))
-            elif isinstance(message, bus.Control) and message.op == "subscribers":
-                self._import_counts(message.data)
-            elif isinstance(message, bus.Control) and message.op == IMPORT_DONE:
-                for ref in (message.data or {}).get("sources") or []:
-                    if ref in self.imports and not self.imports[ref].used:
-                        self._let_go(ref)  # the setup or link that wanted it failed
-            elif isinstance(message, bus.Control) and message.op == "reset":
-                # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
-                for tasks in list(self.forwarding.values()):
-                    for task in tasks:
-                        task.cancel()
-                # Every task is gone: so are the links across boards, at both ends.
-                for ref in list(self.imports):
-                    self._let_go(ref)
-                for end in list(self.exports.values()):
-                    self._source_down(end.source)
-                log.info("sys.reset: requests to other boards cancelled")
-                self.sock.send(bus.Control("reset_done", {"restart": False}))
+        await self.sock.serve(self._unit_message)
+
+    def _unit_message(self, message: bus.Message) -> None:
+        assert self.sock is not None
+        if isinstance(message, bus.Req) and message.route is not None:
+            self._track(self.forwarding, (message.route[0], message.route[2]), self.spawn(self._forward(message)))
+        elif isinstance(message, bus.Gone):
+            self._local_gone(message.client, message.conn)
+        elif isinstance(message, bus.Hello):
+            self._hello()  # sys restarted and does not know us
+            for end in [*self.imports.values(), *self.exports.values()]:
+                self._announce_end(end)
+        elif isinstance(message, bus.Chain):
+            self._chain_out(message)
+        elif isinstance(message, bus.TaskEvent) and message.op == "down":
+            self._source_down(message.work_id)
+        elif isinstance(message, bus.Control) and message.op == IMPORT:
+            self.spawn(self._import(message.data))
+        elif isinstance(message, bus.Control) and message.op == "subscribers":
+            self._import_counts(message.data)
+        elif isinstance(message, bus.Control) and message.op == IMPORT_DONE:
+            for ref in (message.data or {}).get("sources") or []:
+                if ref in self.imports and not self.imports[ref].used:
+                    self._let_go(ref)  # the setup or link that wanted it failed
+        elif isinstance(message, bus.Control) and message.op == "reset":
+            # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
+            for tasks in list(self.forwarding.values()):
+                for task in tasks:
+                    task.cancel()
+            # Every task is gone: so are the links across boards, at both ends.
+            for ref in list(self.imports):
+                self._let_go(ref)
+            for end in list(self.exports.values()):
+                self._source_down(end.source)
+            log.info("sys.reset: requests to other boards cancelled")
+            self.sock.send(bus.Control("reset_done", {"restart": False}))
 
     @staticmethod
     def _track(table: dict, key, task: asyncio.Task) -> None:
