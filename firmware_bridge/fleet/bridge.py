@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from core import bus
-from core.client import BusClient
+from core.client import BusClient, Mailbox
 from core.envelope import NONE, EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ANY_BOARD, BOARD_NAME, is_task_id, on_board, split_board
@@ -155,7 +155,7 @@ class FleetBridge:
         self._refusal = ""
         self._inbox = ""  # one subscription <inbox>.* receives the answers to every request sent from here
         self._calls = itertools.count(1)
-        self._replies: dict[str, asyncio.Queue] = {}
+        self._replies: dict[str, Mailbox] = {}
         self.imports: dict[str, LinkEnd] = {}  # remote sources local tasks take
         self._frees: dict[str, int] = {}  # model subject -> slots announced free so far (unitbus.free.*)
         self._freed: dict[str, asyncio.Event] = {}  # model subject -> set at the next such announcement
@@ -448,8 +448,8 @@ class FleetBridge:
         if self.nc is None or not self.nc.is_connected:
             raise BoardGone("this board has lost its NATS server; reconnecting")
         inbox = f"{self._inbox}.{next(self._calls)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._replies[inbox] = queue
+        answers: Mailbox = Mailbox()
+        self._replies[inbox] = answers
         last = time.monotonic()
         quiet_steps = 0  # waits in a row that timed out: a stall of this process counts as one, not as silence
         taker = None
@@ -459,10 +459,8 @@ class FleetBridge:
             await self.nc.publish(subject, body, reply=inbox, headers={wire.ORIGIN_HEADER: origin,
                                                                         wire.CALL_HEADER: inbox})
             while True:
-                try:
-                    # Answers already waiting are taken without a timed wait (its task and timer per message).
-                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), WAIT_STEP_S)
-                except asyncio.TimeoutError:  # nothing yet; is the taker still there?
+                msg = await answers.next(WAIT_STEP_S)
+                if msg is None:  # nothing yet; is the taker still there?
                     quiet_steps += 1
                     if time.monotonic() - last > self.liveness_s and quiet_steps * WAIT_STEP_S >= self.liveness_s:
                         # (a cancel still goes out: it may come back)
@@ -497,9 +495,9 @@ class FleetBridge:
                     log.debug("cancel of %s not sent: %s", inbox, exc)
 
     async def _on_reply(self, msg) -> None:
-        queue = self._replies.get(msg.subject)
-        if queue is not None:  # else an answer to a request given up
-            queue.put_nowait(msg)
+        answers = self._replies.get(msg.subject)
+        if answers is not None:  # else an answer to a request given up
+            answers.put(msg)
 
     async def remote(self, board: str, request: Request, origin: str,
                      binary: bytes | None = None) -> AsyncIterator[Response]:
