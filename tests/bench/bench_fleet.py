@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import statistics
 import subprocess
@@ -117,15 +118,26 @@ def bus_ping(stack, count: int) -> list[float]:
 
 
 def service_ping(url: str, count: int) -> list[float]:
-    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer."""
+    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer.
+    The answers come through a subscription callback that resolves a future, as they do in nats-py's
+    request() that the echo uses (sub.next_msg would add two tasks per answer that the echo does not pay)."""
     import msgpack
     import nats
 
     async def run() -> list[float]:
         nc = await nats.connect(url, token=TOKEN)
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox + ".*")
+        arrived: collections.deque = collections.deque()
+        waiting: list[asyncio.Future] = []
+
+        async def answered(msg) -> None:
+            arrived.append(msg)
+            if waiting and not waiting[0].done():
+                waiting[0].set_result(None)
+
+        await nc.subscribe(inbox + ".*", cb=answered)
         body = msgpack.packb({"request": {"request_id": "p", "work_id": "sys", "action": "ping"}})
+        loop = asyncio.get_running_loop()
         out = []
         for n in range(count + 20):
             call = f"{inbox}.{n}"
@@ -133,7 +145,10 @@ def service_ping(url: str, count: int) -> list[float]:
             await nc.publish("unitbus.board.beta", body, reply=call,
                              headers={"Unitbus-Origin": "bench/00/1", "Unitbus-Call": call})
             while True:
-                answer = msgpack.unpackb((await sub.next_msg(timeout=5)).data)
+                if not arrived:
+                    waiting[:] = [loop.create_future()]
+                    await asyncio.wait_for(waiting[0], 5)
+                answer = msgpack.unpackb(arrived.popleft().data)
                 if answer.get("final"):
                     break
             if n >= 20:
