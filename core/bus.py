@@ -27,6 +27,8 @@ PROBE_GRACE_S = 0.3
 GOODBYE_LINGER_S = 0.5
 # How many messages a socket's reader callback hands over before letting the loop run other work.
 DRAIN_BATCH = 64
+# Plain ints: pyzmq's enum members cost an enum operation each time they are combined.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 
@@ -306,7 +308,7 @@ class _LoopSocket:
 
     def _has_input(self) -> bool:
         # ZMQ_EVENTS is an int option; pyzmq types every option as int | bytes.
-        return bool(cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        return bool(cast(int, self.sock.getsockopt(_EVENTS)) & _POLLIN)
 
     def close(self, linger_s: float = 0.0) -> None:
         """Close; a receiver still waiting gets SocketClosed (its loop then moves to the new socket)."""
