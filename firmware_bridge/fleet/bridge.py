@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 from core import bus
 from core.client import BusClient, Mailbox
-from core.envelope import NONE, EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply
+from core.envelope import NONE, EnvelopeError, Request, Response, error_reply, reply, request_of
 from core.errors import ErrorCode, UnitError
 from core.ids import ANY_BOARD, BOARD_NAME, is_task_id, on_board, split_board
 from core.microphone import PCM_SOURCE
@@ -686,7 +686,7 @@ class FleetBridge:
                 await self._serve_export(req, origin, body)
                 return
             # The same checks as for a request from a TCP client: another board's bridge is no more trusted.
-            request = decode_request(canonical_json(body["request"]))
+            request = request_of(body["request"])
             parse_origin(origin)
         except (wire.WireError, KeyError, TypeError, ValueError, EnvelopeError) as exc:
             failure = error_reply(exc.request_id, "sys", exc) if isinstance(exc, EnvelopeError) else \
