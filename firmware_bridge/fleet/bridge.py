@@ -424,9 +424,11 @@ class FleetBridge:
                 return
             remote = Request(request.request_id, local_id, request.action, request.object, request.data,
                              request.token)
-            async for response in self.remote(board, remote, origin, message.binary):
-                self._answer(route, response, False)
-            self._answer(route, None, True)
+            final = False
+            async for response, final in self.remote(board, remote, origin, message.binary):
+                self._answer(route, response, final)
+            if not final:
+                self._answer(route, None, True)
         except UnitError as exc:
             self._answer(route, error_reply(request.request_id, request.work_id, exc), True)
         except asyncio.CancelledError:
@@ -500,15 +502,16 @@ class FleetBridge:
             answers.put(msg)
 
     async def remote(self, board: str, request: Request, origin: str,
-                     binary: bytes | None = None) -> AsyncIterator[Response]:
-        """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
+                     binary: bytes | None = None) -> AsyncIterator[tuple[Response, bool]]:
+        """The answers of `board` to `request`, each with whether it is the last (the last one carries
+        `final` itself, so sys and the client get one message fewer); UnitError when the board is not there."""
         body = wire.pack(request=request.to_dict(), binary=binary)
         try:
             async for reply_body in self._exchange(wire.board_subject(board), body, origin):
                 if "response" not in reply_body:
                     continue
                 try:
-                    yield Response.from_dict(reply_body["response"])
+                    yield Response.from_dict(reply_body["response"]), bool(reply_body.get("final"))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise UnitError(ErrorCode.UNIT_CALL, f"board {board} sent a bad answer: {exc}") from None
         except NoResponders:
@@ -576,7 +579,7 @@ class FleetBridge:
 
         async def one(board: str):
             try:
-                async for response in self.remote(board, inner, origin):
+                async for response, _ in self.remote(board, inner, origin):
                     if response.code != 0:
                         return {"error": {"code": response.code, "message": response.message}}
                     if request.action == "lstask" and isinstance(response.data, list):
