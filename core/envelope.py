@@ -189,7 +189,7 @@ def uncarriable(value: Any) -> str | None:
             else:
                 stack.extend((child, depth + 1) for child in item)
         else:  # bytes and the like, from a decoder other than JSON's (msgpack, across boards)
-            return f"a {type(item).__name__} value, which JSON has not"
+            return f"a {type(item).__name__} value (JSON has no such type)"
     return None
 
 
