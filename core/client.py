@@ -7,10 +7,11 @@ UART): a connection's sink receives its chain outputs and anything not awaited t
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Generic, TypeVar
 
 from core import bus
 from core.envelope import Request, Response, error_reply
@@ -21,7 +22,43 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[Response, bool], None]  # (response, final)
 ControlHandler = Callable[[bus.Control], None]
-Waiter = asyncio.Queue[tuple[Response | None, bool]]  # (response, final) for one stream()
+T = TypeVar("T")
+
+
+class Mailbox(Generic[T]):
+    """A queue with one reader that a callback fills. Waiting is a future and a timer: asyncio.wait_for
+    on a queue's get() would make a task for every item, on the request/reply paths."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self, timeout: float | None = None) -> T | None:
+        """The next item, or None when none came within `timeout` seconds."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waiter = None
+        return self._items.popleft() if self._items else None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+Waiter = Mailbox[tuple[Response | None, bool]]  # (response, final) for one stream()
 
 
 class BusClient:
@@ -128,15 +165,18 @@ class BusClient:
     async def answers(self, request: Request, conn: int = 0, binary: bytes | None = None,
                       timeout: float | None = None) -> AsyncIterator[tuple[Response | None, bool]]:
         """stream(), each message with whether it is the last (which a bare final carries as None)."""
-        queue: Waiter = asyncio.Queue()
+        mailbox: Waiter = Mailbox()
         tag = next(self._tags)
-        self._waiters[tag] = queue
+        self._waiters[tag] = mailbox
         self._pending[tag] = (conn, request)
         try:
             assert self._sock is not None, "BusClient.start() first"
             self._sock.send(bus.Req(tag=tag, conn=conn, request=request.to_dict(), binary=binary))
             while True:
-                response, final = await asyncio.wait_for(queue.get(), timeout)
+                item = await mailbox.next(timeout)
+                if item is None:
+                    raise asyncio.TimeoutError()
+                response, final = item
                 if response is not None or final:
                     yield response, final
                 if final:
@@ -168,32 +208,25 @@ class BusClient:
     async def _receive(self) -> None:
         while True:
             assert self._sock is not None
-            sock = self._sock
             try:
-                message = await sock.recv()
-            except asyncio.CancelledError:
-                raise
+                await self._sock.serve(self._message)
             except bus.SocketClosed:  # _connect() replaced the socket: receive on the new one
                 continue
-            except bus.BadMessage as exc:  # a malformed frame from the bus must not stop the client
-                log.error("bad bus message dropped: %s", exc)
-                continue
-            except Exception:  # a bug in receiving must not stop the loop
-                log.exception("bus receive failed")
-                continue
-            self._last_seen = time.monotonic()
-            if isinstance(message, bus.Msg):
-                self._deliver(message)
-            elif isinstance(message, bus.Control) and message.op == "refused":
-                log.error("sys refused this client: %s", message.data)
-                self._fail_pending(f"sys refused this process: {message.data}")
-            elif isinstance(message, bus.Control):
-                if self.on_control is not None:
-                    self.on_control(message)
-            elif isinstance(message, bus.Hello):
-                # sys does not know us: it restarted (or forgot us), and what it was carrying for us is lost.
-                self._fail_pending("sys restarted; the request was lost, send it again")
-                self._hello()
+
+    def _message(self, message: bus.Message) -> None:
+        self._last_seen = time.monotonic()
+        if isinstance(message, bus.Msg):
+            self._deliver(message)
+        elif isinstance(message, bus.Control) and message.op == "refused":
+            log.error("sys refused this client: %s", message.data)
+            self._fail_pending(f"sys refused this process: {message.data}")
+        elif isinstance(message, bus.Control):
+            if self.on_control is not None:
+                self.on_control(message)
+        elif isinstance(message, bus.Hello):
+            # sys does not know us: it restarted (or forgot us), and what it was carrying for us is lost.
+            self._fail_pending("sys restarted; the request was lost, send it again")
+            self._hello()
 
     def _deliver(self, message: bus.Msg) -> None:
         if message.tag is not None and message.tag not in self._pending and message.tag not in self._waiters:
@@ -203,7 +236,7 @@ class BusClient:
             self._pending.pop(message.tag, None)
         waiter = self._waiters.get(message.tag) if message.tag is not None else None
         if waiter is not None:
-            waiter.put_nowait((response, message.final))
+            waiter.put((response, message.final))
             return
         sink = self._sinks.get(message.conn) if message.conn is not None else None
         if sink is not None and response is not None:

@@ -181,11 +181,15 @@ def uncarriable(value: Any) -> str | None:
                 return f"nested deeper than {MAX_DEPTH} levels"
             if isinstance(item, dict):
                 for key, child in item.items():
+                    if not isinstance(key, str):
+                        return "a key that is not a string"
                     if _has_surrogate(key):
                         return "lone surrogate in a key"
                     stack.append((child, depth + 1))
             else:
                 stack.extend((child, depth + 1) for child in item)
+        else:  # bytes and the like, from a decoder other than JSON's (msgpack, across boards)
+            return f"a {type(item).__name__} value (JSON has no such type)"
     return None
 
 
@@ -199,6 +203,11 @@ def _envelope(frame: bytes) -> dict[str, Any]:
         obj = json.loads(text)
     except (ValueError, RecursionError):
         raise EnvelopeError("0") from None
+    return _envelope_object(obj)
+
+
+def _envelope_object(obj: Any) -> dict[str, Any]:
+    """Dispatch step 2 of spec §6 on a decoded frame."""
     if not isinstance(obj, dict):
         raise EnvelopeError("0")
     request_id = obj.get("request_id")
@@ -220,7 +229,15 @@ def is_request(frame: bytes) -> bool:
 
 def decode_request(frame: bytes) -> Request:
     """Dispatch steps 1-3 of spec §6, then the values the bus cannot carry (§4.1), answered with the ids."""
-    obj = _envelope(frame)
+    return _request(_envelope(frame))
+
+
+def request_of(obj: Any) -> Request:
+    """decode_request for a request already decoded (by msgpack, from another board): the same checks."""
+    return _request(_envelope_object(obj))
+
+
+def _request(obj: dict[str, Any]) -> Request:
     why = uncarriable(obj)
     if why is not None:
         raise EnvelopeError(obj["request_id"], why, obj["work_id"] or "sys", request=True)

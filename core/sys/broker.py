@@ -165,18 +165,13 @@ class Broker:
     # receiving ---------------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
         assert self.sock is not None
-        while True:
-            try:
-                identity, message = await self.sock.recv()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("undecodable bus message dropped")
-                continue
-            try:
-                self.handle(identity, message)
-            except Exception:
-                log.exception("error while handling %s", type(message).__name__)
+        await self.sock.serve(self._handle_safely)
+
+    def _handle_safely(self, identity: bytes, message: bus.Message) -> None:
+        try:
+            self.handle(identity, message)
+        except Exception:
+            log.exception("error while handling %s", type(message).__name__)
 
     def handle(self, identity: bytes, message: bus.Message) -> None:
         now = time.monotonic()

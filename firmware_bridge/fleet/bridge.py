@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from core import bus
-from core.client import BusClient
-from core.envelope import NONE, EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply
+from core.client import BusClient, Mailbox
+from core.envelope import NONE, EnvelopeError, Request, Response, error_reply, reply, request_of
 from core.errors import ErrorCode, UnitError
 from core.ids import ANY_BOARD, BOARD_NAME, is_task_id, on_board, split_board
 from core.microphone import PCM_SOURCE
@@ -155,7 +155,7 @@ class FleetBridge:
         self._refusal = ""
         self._inbox = ""  # one subscription <inbox>.* receives the answers to every request sent from here
         self._calls = itertools.count(1)
-        self._replies: dict[str, asyncio.Queue] = {}
+        self._replies: dict[str, Mailbox] = {}
         self.imports: dict[str, LinkEnd] = {}  # remote sources local tasks take
         self._frees: dict[str, int] = {}  # model subject -> slots announced free so far (unitbus.free.*)
         self._freed: dict[str, asyncio.Event] = {}  # model subject -> set at the next such announcement
@@ -328,46 +328,42 @@ class FleetBridge:
 
     async def _unit_loop(self) -> None:
         assert self.sock is not None
-        while True:
-            try:
-                message = await self.sock.recv()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a malformed frame must not stop the bridge
-                log.exception("bad bus message")
-                continue
-            if isinstance(message, bus.Req) and message.route is not None:
-                self._track(self.forwarding, (message.route[0], message.route[2]), self.spawn(self._forward(message)))
-            elif isinstance(message, bus.Gone):
-                self._local_gone(message.client, message.conn)
-            elif isinstance(message, bus.Hello):
-                self._hello()  # sys restarted and does not know us
-                for end in [*self.imports.values(), *self.exports.values()]:
-                    self._announce_end(end)
-            elif isinstance(message, bus.Chain):
-                self._chain_out(message)
-            elif isinstance(message, bus.TaskEvent) and message.op == "down":
-                self._source_down(message.work_id)
-            elif isinstance(message, bus.Control) and message.op == IMPORT:
-                self.spawn(self._import(message.data))
-            elif isinstance(message, bus.Control) and message.op == "subscribers":
-                self._import_counts(message.data)
-            elif isinstance(message, bus.Control) and message.op == IMPORT_DONE:
-                for ref in (message.data or {}).get("sources") or []:
-                    if ref in self.imports and not self.imports[ref].used:
-                        self._let_go(ref)  # the setup or link that wanted it failed
-            elif isinstance(message, bus.Control) and message.op == "reset":
-                # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
-                for tasks in list(self.forwarding.values()):
-                    for task in tasks:
-                        task.cancel()
-                # Every task is gone: so are the links across boards, at both ends.
-                for ref in list(self.imports):
-                    self._let_go(ref)
-                for end in list(self.exports.values()):
-                    self._source_down(end.source)
-                log.info("sys.reset: requests to other boards cancelled")
-                self.sock.send(bus.Control("reset_done", {"restart": False}))
+        await self.sock.serve(self._unit_message)
+
+    def _unit_message(self, message: bus.Message) -> None:
+        assert self.sock is not None
+        if isinstance(message, bus.Req) and message.route is not None:
+            self._track(self.forwarding, (message.route[0], message.route[2]), self.spawn(self._forward(message)))
+        elif isinstance(message, bus.Gone):
+            self._local_gone(message.client, message.conn)
+        elif isinstance(message, bus.Hello):
+            self._hello()  # sys restarted and does not know us
+            for end in [*self.imports.values(), *self.exports.values()]:
+                self._announce_end(end)
+        elif isinstance(message, bus.Chain):
+            self._chain_out(message)
+        elif isinstance(message, bus.TaskEvent) and message.op == "down":
+            self._source_down(message.work_id)
+        elif isinstance(message, bus.Control) and message.op == IMPORT:
+            self.spawn(self._import(message.data))
+        elif isinstance(message, bus.Control) and message.op == "subscribers":
+            self._import_counts(message.data)
+        elif isinstance(message, bus.Control) and message.op == IMPORT_DONE:
+            for ref in (message.data or {}).get("sources") or []:
+                if ref in self.imports and not self.imports[ref].used:
+                    self._let_go(ref)  # the setup or link that wanted it failed
+        elif isinstance(message, bus.Control) and message.op == "reset":
+            # sys.reset answered what was in flight; the bridge itself goes on (it holds no task).
+            for tasks in list(self.forwarding.values()):
+                for task in tasks:
+                    task.cancel()
+            # Every task is gone: so are the links across boards, at both ends.
+            for ref in list(self.imports):
+                self._let_go(ref)
+            for end in list(self.exports.values()):
+                self._source_down(end.source)
+            log.info("sys.reset: requests to other boards cancelled")
+            self.sock.send(bus.Control("reset_done", {"restart": False}))
 
     @staticmethod
     def _track(table: dict, key, task: asyncio.Task) -> None:
@@ -428,9 +424,11 @@ class FleetBridge:
                 return
             remote = Request(request.request_id, local_id, request.action, request.object, request.data,
                              request.token)
-            async for response in self.remote(board, remote, origin, message.binary):
-                self._answer(route, response, False)
-            self._answer(route, None, True)
+            final = False
+            async for response, final in self.remote(board, remote, origin, message.binary):
+                self._answer(route, response, final)
+            if not final:
+                self._answer(route, None, True)
         except UnitError as exc:
             self._answer(route, error_reply(request.request_id, request.work_id, exc), True)
         except asyncio.CancelledError:
@@ -452,8 +450,8 @@ class FleetBridge:
         if self.nc is None or not self.nc.is_connected:
             raise BoardGone("this board has lost its NATS server; reconnecting")
         inbox = f"{self._inbox}.{next(self._calls)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._replies[inbox] = queue
+        answers: Mailbox = Mailbox()
+        self._replies[inbox] = answers
         last = time.monotonic()
         quiet_steps = 0  # waits in a row that timed out: a stall of this process counts as one, not as silence
         taker = None
@@ -463,10 +461,8 @@ class FleetBridge:
             await self.nc.publish(subject, body, reply=inbox, headers={wire.ORIGIN_HEADER: origin,
                                                                         wire.CALL_HEADER: inbox})
             while True:
-                try:
-                    # Answers already waiting are taken without a timed wait (its task and timer per message).
-                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), WAIT_STEP_S)
-                except asyncio.TimeoutError:  # nothing yet; is the taker still there?
+                msg = await answers.next(WAIT_STEP_S)
+                if msg is None:  # nothing yet; is the taker still there?
                     quiet_steps += 1
                     if time.monotonic() - last > self.liveness_s and quiet_steps * WAIT_STEP_S >= self.liveness_s:
                         # (a cancel still goes out: it may come back)
@@ -501,20 +497,21 @@ class FleetBridge:
                     log.debug("cancel of %s not sent: %s", inbox, exc)
 
     async def _on_reply(self, msg) -> None:
-        queue = self._replies.get(msg.subject)
-        if queue is not None:  # else an answer to a request given up
-            queue.put_nowait(msg)
+        answers = self._replies.get(msg.subject)
+        if answers is not None:  # else an answer to a request given up
+            answers.put(msg)
 
     async def remote(self, board: str, request: Request, origin: str,
-                     binary: bytes | None = None) -> AsyncIterator[Response]:
-        """The answers of `board` to `request`, until its final one; UnitError when the board is not there."""
+                     binary: bytes | None = None) -> AsyncIterator[tuple[Response, bool]]:
+        """The answers of `board` to `request`, each with whether it is the last (the last one carries
+        `final` itself, so sys and the client get one message fewer); UnitError when the board is not there."""
         body = wire.pack(request=request.to_dict(), binary=binary)
         try:
             async for reply_body in self._exchange(wire.board_subject(board), body, origin):
                 if "response" not in reply_body:
                     continue
                 try:
-                    yield Response.from_dict(reply_body["response"])
+                    yield Response.from_dict(reply_body["response"]), bool(reply_body.get("final"))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise UnitError(ErrorCode.UNIT_CALL, f"board {board} sent a bad answer: {exc}") from None
         except NoResponders:
@@ -582,7 +579,7 @@ class FleetBridge:
 
         async def one(board: str):
             try:
-                async for response in self.remote(board, inner, origin):
+                async for response, _ in self.remote(board, inner, origin):
                     if response.code != 0:
                         return {"error": {"code": response.code, "message": response.message}}
                     if request.action == "lstask" and isinstance(response.data, list):
@@ -692,7 +689,7 @@ class FleetBridge:
                 await self._serve_export(req, origin, body)
                 return
             # The same checks as for a request from a TCP client: another board's bridge is no more trusted.
-            request = decode_request(canonical_json(body["request"]))
+            request = request_of(body["request"])
             parse_origin(origin)
         except (wire.WireError, KeyError, TypeError, ValueError, EnvelopeError) as exc:
             failure = error_reply(exc.request_id, "sys", exc) if isinstance(exc, EnvelopeError) else \

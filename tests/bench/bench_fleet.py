@@ -4,7 +4,9 @@
 - sys.ping p50 across boards vs a bare nats-py request-reply echo between two processes on the same
   nats-server. The fair pairing is a nats-py client asking beta's service (`unitbus.board.beta`, what
   alpha's bridge sends) vs that echo: what the fleet adds over NATS. The full path (alpha's StackFlow
-  TCP port -> alpha's bridge and sys -> NATS -> beta's bridge and sys, and back) is reported too;
+  TCP port -> alpha's bridge and sys -> NATS -> beta's bridge and sys, and back) is reported too, and
+  so are the parts: beta's own bus hop (a bus client -> its sys) and a bare asyncio+pyzmq echo over ipc,
+  the floor of that hop, from which the floor of the service ping follows (echo + that hop);
 - 8 load-balanced streams (`llm@*`) over 2 boards vs over 1, aggregate tok/s.
 Every engine runs on --threads onnxruntime threads (1: this 2-core machine then has a core per board).
 Prints a table with the load average at each figure (the machine is shared); asserts nothing.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import statistics
 import subprocess
@@ -32,6 +35,8 @@ from bench_http import MESSAGES, MODEL, best, load_engine, measure  # noqa: E402
 from fleet_support import TOKEN, NatsServer, board, wait_joined  # noqa: E402
 from support import StackFlowClient, child_pids  # noqa: E402
 
+import msgpack  # noqa: E402
+
 ECHO = r'''
 import asyncio, sys, nats
 async def main():
@@ -42,6 +47,18 @@ async def main():
     await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()
+asyncio.run(main())
+'''
+
+# The floor of the hop to sys: a bare asyncio + pyzmq ROUTER echo in another process, over ipc.
+ZMQ_ECHO = r'''
+import asyncio, sys, zmq, zmq.asyncio
+async def main():
+    sock = zmq.asyncio.Context().socket(zmq.ROUTER)
+    sock.bind(sys.argv[1])
+    print("ready", flush=True)
+    while True:
+        await sock.send_multipart(await sock.recv_multipart())
 asyncio.run(main())
 '''
 
@@ -117,15 +134,25 @@ def bus_ping(stack, count: int) -> list[float]:
 
 
 def service_ping(url: str, count: int) -> list[float]:
-    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer."""
-    import msgpack
+    """sys.ping to beta's service from a bare nats-py client, as alpha's bridge asks it: until the final answer.
+    The answers come through a subscription callback that resolves a future, as they do in nats-py's
+    request() that the echo uses (sub.next_msg would add two tasks per answer that the echo does not pay)."""
     import nats
 
     async def run() -> list[float]:
         nc = await nats.connect(url, token=TOKEN)
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox + ".*")
+        arrived: collections.deque = collections.deque()
+        waiting: list[asyncio.Future] = []
+
+        async def answered(msg) -> None:
+            arrived.append(msg)
+            if waiting and not waiting[0].done():
+                waiting[0].set_result(None)
+
+        await nc.subscribe(inbox + ".*", cb=answered)
         body = msgpack.packb({"request": {"request_id": "p", "work_id": "sys", "action": "ping"}})
+        loop = asyncio.get_running_loop()
         out = []
         for n in range(count + 20):
             call = f"{inbox}.{n}"
@@ -133,7 +160,10 @@ def service_ping(url: str, count: int) -> list[float]:
             await nc.publish("unitbus.board.beta", body, reply=call,
                              headers={"Unitbus-Origin": "bench/00/1", "Unitbus-Call": call})
             while True:
-                answer = msgpack.unpackb((await sub.next_msg(timeout=5)).data)
+                if not arrived:
+                    waiting[:] = [loop.create_future()]
+                    await asyncio.wait_for(waiting[0], 5)
+                answer = msgpack.unpackb(arrived.popleft().data)
                 if answer.get("final"):
                     break
             if n >= 20:
@@ -143,6 +173,38 @@ def service_ping(url: str, count: int) -> list[float]:
         return out
 
     return asyncio.run(run())
+
+
+def zmq_echo(tmp: Path, count: int) -> list[float]:
+    """A bare asyncio + pyzmq request-reply echo between two processes over ipc: what a bus hop costs
+    with nothing of unitbus in it (no envelope, no routing)."""
+    import zmq
+    import zmq.asyncio
+
+    endpoint = f"ipc://{tmp / 'zmq-echo.sock'}"
+    responder = subprocess.Popen([sys.executable, "-c", ZMQ_ECHO, endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
+
+        async def run() -> list[float]:
+            ctx = zmq.asyncio.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(endpoint)
+            body = msgpack.packb({"request": {"request_id": "p", "work_id": "sys", "action": "ping"}})
+            out = []
+            for n in range(count + 20):
+                started = time.perf_counter()
+                await sock.send(body)
+                await sock.recv()
+                if n >= 20:
+                    out.append(time.perf_counter() - started)
+            ctx.destroy(linger=0)
+            return out
+
+        return asyncio.run(run())
+    finally:
+        responder.terminate()
+        responder.wait()
 
 
 def bare_echo(url: str, count: int) -> list[float]:
@@ -267,12 +329,13 @@ def main() -> None:
             loads["stream"] = load()
         if "ping" in wanted:
             # Interleaved in rounds so that the machine's load falls on each alike.
-            across, service, echo, hop = [], [], [], []
+            across, service, echo, hop, zmq_hop = [], [], [], [], []
             for _ in range(5):
                 across += ping_across(alpha, args.pings // 5)
                 service += service_ping(server.url, args.pings // 5)
                 echo += bare_echo(server.url, args.pings // 5)
                 hop += bus_ping(beta, args.pings // 5)
+                zmq_hop += zmq_echo(tmp, args.pings // 5)
             loads["ping"] = load()
     finally:
         if beta is not None:
@@ -296,9 +359,12 @@ def main() -> None:
         for name, values in (("bare nats-py request-reply echo, same server", echo),
                              ("nats-py client -> beta's service (sys of beta)", service),
                              ("alpha's TCP client -> sys@beta (full path)", across),
-                             ("(a bus client inside beta -> its sys: no NATS)", hop)):
+                             ("(a bus client inside beta -> its sys: no NATS)", hop),
+                             ("(bare asyncio+pyzmq echo over ipc: no unitbus)", zmq_hop)):
             p50, p99 = statistics.median(values) * 1000, sorted(values)[int(len(values) * 0.99)] * 1000
             print(f"{name:<48} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  {p50 / echo_p50:5.2f}x echo")
+        floor = (echo_p50 + statistics.median(zmq_hop) * 1000) / echo_p50
+        print(f"floor of the service ping while beta's sys answers over ZeroMQ (echo + bare zmq echo): {floor:.2f}x")
     if rounds:
         print(f"\n{args.streams} concurrent llm@* streams, aggregate tok/s, 1 and 2 boards alternating:")
         for one_board, one_load, two_boards, two_load, used, one_cpu, two_cpu in rounds:

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from core import bus
 from core.envelope import (EnvelopeError, Request, Response, canonical_json, decode_request, error_reply, reply,
-                           stream_data)
+                           request_of, stream_data)
 from core.errors import ErrorCode, UnitError
 
 
@@ -122,6 +122,19 @@ def test_values_the_bus_cannot_carry_are_refused_with_the_clients_ids(value, why
     assert why in info.value.message
     reply_bytes = error_reply(info.value.request_id, info.value.work_id, info.value).encode()
     reply_bytes.decode("utf-8")  # the answer itself is valid UTF-8
+
+
+@pytest.mark.parametrize("value, why", [
+    (b"\x00", "bytes value"), ({1: "a"}, "key that is not a string"), (float("nan"), "NaN"), (2 ** 64, "64-bit"),
+])
+def test_a_request_decoded_by_msgpack_gets_the_checks_of_a_json_one(value, why):
+    """Another board's request arrives as msgpack: what JSON cannot hold is refused too, with its ids."""
+    with pytest.raises(EnvelopeError) as info:
+        request_of({"request_id": "r7", "work_id": "sys", "action": "ping", "data": {"x": [value]}})
+    assert (info.value.code, info.value.request_id) == (ErrorCode.JSON_FORMAT, "r7") and why in info.value.message
+    with pytest.raises(EnvelopeError):
+        request_of({"request_id": "r7", "work_id": 5, "action": "ping"})
+    assert request_of({"request_id": "1", "work_id": "", "action": "ping"}) == Request("1", "sys", "ping")
 
 
 def test_the_edges_of_what_the_bus_carries_pass_and_survive_msgpack():

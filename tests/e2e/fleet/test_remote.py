@@ -87,7 +87,9 @@ def test_bad_messages_from_the_fleet_are_answered(two_boards, nats_server):
         return answers
 
     origin = {"Unitbus-Origin": "rogue/00/1"}
+    binary_data = {"request_id": "r", "work_id": "sys", "action": "ping", "data": b"\x00"}  # JSON has no bytes
     for body, headers in ((b"\xc1 not msgpack", origin), (msgpack.packb({"request": {"work_id": 5}}), origin),
+                          (msgpack.packb({"request": binary_data}, use_bin_type=True), origin),
                           (msgpack.packb({"request": {"request_id": "r", "work_id": "sys", "action": "ping"}}),
                            {"Unitbus-Origin": "no origin"})):
         answers = asyncio.run(ask(body, headers))
