@@ -43,6 +43,7 @@ class KwsUnit(Unit[KwsState]):
         "kws_strict": False,
         "threshold": 0.5,
         "refractory_ms": 2000,
+        "phases": 2,  # staggered 80 ms scoring grids (units/kws/engine.py): 2 cut the wake delay by ~40 ms
         "enwake_audio": True,
         "wake_wav_file": "",
         "enkws": False,
@@ -69,7 +70,7 @@ class KwsUnit(Unit[KwsState]):
         if note and params["kws_strict"]:
             raise UnitError(ErrorCode.MODEL_LOADING, note)
         try:
-            detector = model.detector(names, params["threshold"], params["refractory_ms"])
+            detector = model.detector(names, params["threshold"], params["refractory_ms"], params["phases"])
         except ValueError as exc:
             raise UnitError(ErrorCode.JSON_FORMAT, str(exc)) from None
         task.setup_note = note or ""
@@ -128,7 +129,7 @@ class KwsUnit(Unit[KwsState]):
             raise UnitError(ErrorCode.EMPTY_DATA)
         # A clip is judged on its own, with a detector of its own: it must not disturb the microphone's.
         detector = task.state.model.detector(task.state.detector.keywords, task.params["threshold"],
-                                  task.params["refractory_ms"])
+                                             task.params["refractory_ms"], task.params["phases"])
         for detection in [*detector.feed(pcm), *detector.flush()]:
             if job.cancelled:
                 return

@@ -102,6 +102,9 @@ def test_detector_rejects_unknown_keyword_and_bad_values(kws_model):
         kws_model.detector(["alexa"], threshold=0)
     with pytest.raises(TypeError):
         kws_model.detector(["alexa"]).feed(np.zeros(1280, np.float32))
+    for phases in (0, 3, 2.0, True):
+        with pytest.raises(ValueError, match="phases must be 1, 2 or 4"):
+            kws_model.detector(["alexa"], phases=phases)
 
 
 # ---- streaming behaviour ----
@@ -114,13 +117,14 @@ def test_warm_start_gives_no_alarm_on_silence_or_low_noise(kws_model):
     assert max(det.max_scores.values()) < 0.1
 
 
-def test_chunk_size_does_not_change_results(kws_model, positives):
+@pytest.mark.parametrize("phases", [1, 2])
+def test_chunk_size_does_not_change_results(kws_model, positives, phases):
     scene = positives[0]
-    whole = kws_model.detector(WAKE_WORDS)
+    whole = kws_model.detector(WAKE_WORDS, phases=phases)
     expected = whole.feed(scene.pcm)
     assert expected, "the reference scene must contain a detection"
     rng = np.random.default_rng(5)
-    det = kws_model.detector(WAKE_WORDS)
+    det = kws_model.detector(WAKE_WORDS, phases=phases)
     got: list[Detection] = []
     pos = 0
     while pos < len(scene.pcm):
@@ -167,9 +171,10 @@ def test_wake_words_detected(kws_model, positives, keyword):
     assert hits >= 0.9 * len(scenes), f"{keyword}: {hits}/{len(scenes)}"
 
 
-def test_no_false_alarms(kws_model, negatives):
+@pytest.mark.parametrize("phases", [1, 2])
+def test_no_false_alarms(kws_model, negatives, phases):
     for scene in negatives:
-        det = kws_model.detector(WAKE_WORDS)
+        det = kws_model.detector(WAKE_WORDS, phases=phases)
         assert det.feed(scene.pcm) == [], scene.label
 
 
@@ -235,3 +240,29 @@ def test_detectors_share_one_model_across_threads(kws_model, positives):
         t.join()
     for i, exp in enumerate(expected):
         assert [(d.keyword, d.timestamp_ms) for d in results[i]] == [(d.keyword, d.timestamp_ms) for d in exp]
+
+
+def test_each_grid_scores_as_the_reference_pipeline_on_its_shifted_audio(kws_model, positives):
+    """With 2 phases, the grid at 0 scores as one detector on the audio, the grid at 640 samples as one
+    detector on the audio from sample 640 (its steps end 40 ms later)."""
+    pcm = positives[0].pcm
+    every = {"threshold": 1e-9, "refractory_ms": 0}  # every step reports its score
+    both = kws_model.detector(["alexa"], phases=2, **every).feed(pcm)
+    first = kws_model.detector(["alexa"], **every).feed(pcm)
+    second = kws_model.detector(["alexa"], **every).feed(pcm[640:])
+    expected = sorted([(d.timestamp_ms, d.score) for d in first] + [(d.timestamp_ms + 40, d.score) for d in second],
+                      key=lambda entry: entry[0])
+    assert [d.timestamp_ms for d in both] == [t for t, _ in expected]
+    np.testing.assert_allclose([d.score for d in both], [score for _, score in expected], atol=1e-5)
+
+
+def test_two_grids_wake_no_later_and_sooner_on_some(kws_model, positives):
+    delays = []
+    for scene in positives:
+        one = kws_model.detector(WAKE_WORDS).feed(scene.pcm)
+        two = kws_model.detector(WAKE_WORDS, phases=2).feed(scene.pcm)
+        if one:
+            assert two and two[0].keyword == one[0].keyword, scene.label
+            assert two[0].timestamp_ms <= one[0].timestamp_ms, scene.label
+            delays.append(one[0].timestamp_ms - two[0].timestamp_ms)
+    assert delays and max(delays) >= 40, delays
