@@ -12,7 +12,10 @@ engine: the same pipeline without the bus, in this process: the audio unit's cap
 
 Both run in this one run on this machine; read the ratio. Prints a table; asserts nothing.
 
-    python tests/bench/bench_wake_latency.py [--trials 12]
+    python tests/bench/bench_wake_latency.py [--trials 12] [--phases 2]
+
+--phases is the kws setup key (scoring grids staggered by 80/phases ms; the unit's default is 2), used by
+both sides.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def clips(folder: Path, trials: int) -> list[tuple[np.ndarray, float]]:
     return out
 
 
-def engine_delays(trials: list[tuple[np.ndarray, float]]) -> list[float]:
+def engine_delays(trials: list[tuple[np.ndarray, float]], phases: int) -> list[float]:
     import queue
     import threading
 
@@ -57,7 +60,7 @@ def engine_delays(trials: list[tuple[np.ndarray, float]]) -> list[float]:
     from units.kws.engine import load_kws
 
     params = json.loads((HERE.parent.parent / "models" / "mode_openwakeword.json").read_text())["mode_param"]
-    detector = load_kws(params).detector(["HEY JARVIS"], refractory_ms=1000)
+    detector = load_kws(params).detector(["HEY JARVIS"], refractory_ms=1000, phases=phases)
     frames: queue.Queue = queue.Queue()
     wakes: queue.Queue = queue.Queue()
 
@@ -87,14 +90,14 @@ def engine_delays(trials: list[tuple[np.ndarray, float]]) -> list[float]:
     return delays
 
 
-def bus_delays(trials: list[tuple[np.ndarray, float]], tmp: Path) -> list[float]:
+def bus_delays(trials: list[tuple[np.ndarray, float]], tmp: Path, phases: int) -> list[float]:
     stack = Stack(tmp, ["audio", "kws"], {"audio.capture": "push"}).start()
     delays = []
     try:
         with StackFlowClient(stack.port) as c:
             reply = c.request({"request_id": "s", "work_id": "kws", "action": "setup", "data": {
                 "model": "openwakeword", "response_format": "kws.bool", "input": "sys.pcm", "enoutput": True,
-                "kws": "HEY JARVIS", "refractory_ms": 1000}}, timeout=60)
+                "kws": "HEY JARVIS", "refractory_ms": 1000, "phases": phases}}, timeout=60)
             assert reply["error"]["code"] == 0, reply
             for n, (pcm, end_s) in enumerate(trials):
                 c.send({"request_id": f"c{n}", "work_id": "audio", "action": "capture", "object": "audio.pcm.base64",
@@ -128,13 +131,14 @@ def row(name: str, values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--phases", type=int, default=2, choices=(1, 2, 4))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         trials = clips(folder, args.trials)
-        engine = engine_delays(trials)
-        bus = bus_delays(trials, folder / "stack")
-    print("delay from the end of the wake word to the detection (ms)")
+        engine = engine_delays(trials, args.phases)
+        bus = bus_delays(trials, folder / "stack", args.phases)
+    print(f"delay from the end of the wake word to the detection (ms), {args.phases} scoring grid(s)")
     print(f"{'path':<8} {'n':>3} {'median':>9} {'mean':>9} {'min':>7} {'max':>7}")
     print(row("engine", engine))
     print(row("bus", bus))
