@@ -172,6 +172,7 @@ def main() -> None:
     ap = peer_arguments(__doc__, "measured generations per peer process (median)")
     ap.add_argument("--rounds", type=int, default=3, help="turns of each side (best)")
     ap.add_argument("--trials", type=int, default=8, help="wake-word clips per condition")
+    ap.add_argument("--kws-phases", type=int, choices=(1, 2, 4), help="the kws task's scoring grids (default: the unit's)")
     ap.add_argument("--no-spin", action="store_true", help="the llm unit's onnxruntime threads do not spin (setup spin:false)")
     ap.set_defaults(tokens=256)
     args = ap.parse_args()
@@ -192,9 +193,11 @@ def main() -> None:
         with StackFlowClient(stack.port, timeout=120) as c:
             voiceaudio.setup(c, "vad", {"model": "silero-vad", "response_format": "vad.bool", "input": "sys.pcm",
                                         "enoutput": True}, "v")
-            reply = voiceaudio.setup(c, "kws", {"model": "openwakeword", "response_format": "kws.bool",
-                                                "input": "sys.pcm", "enoutput": True, "kws": "HEY JARVIS",
-                                                "refractory_ms": 1000}, "k")
+            kws = {"model": "openwakeword", "response_format": "kws.bool", "input": "sys.pcm", "enoutput": True,
+                   "kws": "HEY JARVIS", "refractory_ms": 1000}
+            if args.kws_phases:
+                kws["phases"] = args.kws_phases
+            reply = voiceaudio.setup(c, "kws", kws, "k")
             assert reply["error"]["code"] == 0, reply
             idle = wake_trials(c, clips)
             with StackFlowClient(stack.port, timeout=300) as lc:

@@ -1,7 +1,9 @@
 """kws benchmark: unitbus's openWakeWord engine against the openwakeword 0.5.1 library, same run, same files.
 
 Measures the compute cost per second of audio (fed in equal chunks to both) and the delay from the end of
-the wake phrase to the detection, on espeak-ng speech placed in low noise. The library runs in a subprocess
+the wake phrase to the detection, on espeak-ng speech placed in low noise. unitbus runs twice: with one
+scoring grid (the library's own 80 ms steps, whose peak scores are compared with the library's) and with
+the kws unit's default of two grids staggered by 40 ms. The library runs in a subprocess
 from a throwaway venv that has it (default /tmp/peer-oww, override with PEER_OWW_PYTHON):
 
     python -m venv /tmp/peer-oww
@@ -86,14 +88,14 @@ print(json.dumps({"costs": costs, "scenes": scenes}))
 """
 
 
-def ours(stream: np.ndarray, bounds: list[tuple[int, int]]) -> dict:
+def ours(stream: np.ndarray, bounds: list[tuple[int, int]], phases: int) -> dict:
     model = load_kws({"keyword_models": [f"pkg://openwakeword/resources/models/{h}.onnx" for h in HEADS]})
     words = [display_name(h) for h in HEADS]
     costs = {}
     for chunk in CHUNKS:
         best = None
         for _ in range(REPEATS):
-            det = model.detector(words, threshold=THRESHOLD)
+            det = model.detector(words, threshold=THRESHOLD, phases=phases)
             t0 = time.perf_counter()
             for i in range(0, len(stream), chunk):
                 det.feed(stream[i:i + chunk])
@@ -102,7 +104,7 @@ def ours(stream: np.ndarray, bounds: list[tuple[int, int]]) -> dict:
         costs[chunk] = best
     scenes = []
     for start, end in bounds:
-        det = model.detector(words, threshold=THRESHOLD, refractory_ms=0)
+        det = model.detector(words, threshold=THRESHOLD, refractory_ms=0, phases=phases)
         lead = LEAD_STEPS * STEP_SAMPLES
         lead_alarms = len(det.feed(stream[start:start + lead]))
         det.max_scores = dict.fromkeys(det.max_scores, 0.0)  # peaks of the scene proper
@@ -163,27 +165,31 @@ def main() -> None:
         seconds = len(stream) / SAMPLE_RATE
 
         ref = peer(audio_file)
-        mine = ours(stream, bounds)
+        mine = {phases: ours(stream, bounds, phases) for phases in (1, 2)}
 
     print(f"kws benchmark: {seconds:.1f} s of audio ({len(positives)} wake phrases, {len(negatives)} negative "
           f"scenes), heads {', '.join(HEADS)}, best of {REPEATS}")
     print()
-    print(f"{'metric':44s} {'unitbus':>10s} {'openwakeword':>13s} {'ratio':>7s}")
+    print(f"{'metric':44s} {'unitbus':>10s} {'2 grids':>10s} {'openwakeword':>13s} {'ratio':>7s} {'2 grids':>8s}")
     for chunk in CHUNKS:
-        a = mine["costs"][chunk] / seconds * 1000
+        a, a2 = (mine[p]["costs"][chunk] / seconds * 1000 for p in (1, 2))
         b = ref["costs"][chunk] / seconds * 1000
-        print(f"{f'cost ms per s of audio, {chunk}-sample chunks':44s} {a:10.2f} {b:13.2f} {a / b:6.2f}x")
+        print(f"{f'cost ms per s of audio, {chunk}-sample chunks':44s} {a:10.2f} {a2:10.2f} {b:13.2f} "
+              f"{a / b:6.2f}x {a2 / b:7.2f}x")
     n_pos = len(positives)
-    d_mine, hit_mine = delays(mine, positives)
+    (d_mine, hit_mine), (d_two, hit_two) = (delays(mine[p], positives) for p in (1, 2))
     d_ref, hit_ref = delays(ref, positives)
-    print(f"{'positives detected':44s} {f'{hit_mine}/{n_pos}':>10s} {f'{hit_ref}/{n_pos}':>13s}")
+    print(f"{'positives detected':44s} {f'{hit_mine}/{n_pos}':>10s} {f'{hit_two}/{n_pos}':>10s} {f'{hit_ref}/{n_pos}':>13s}")
     for label, fn in (("median", np.median), ("max", np.max)):
-        a, b = fn(d_mine) * 1000, fn(d_ref) * 1000
-        print(f"{f'{label} delay, end of phrase -> detection (ms)':44s} {a:10.0f} {b:13.0f}")
-    fa_mine = sum(len(s["first"]) for s in mine["scenes"][n_pos:]) + sum(s["lead_alarms"] for s in mine["scenes"])
-    fa_ref = sum(len(s["first"]) for s in ref["scenes"][n_pos:]) + sum(s["lead_alarms"] for s in ref["scenes"])
-    print(f"{'false alarms (negative scenes, noise leads)':44s} {fa_mine:10d} {fa_ref:13d}")
-    diff = max(abs(m["peaks"][k] - r["peaks"][k]) for m, r in zip(mine["scenes"], ref["scenes"]) for k in m["peaks"])
+        a, a2, b = fn(d_mine) * 1000, fn(d_two) * 1000, fn(d_ref) * 1000
+        print(f"{f'{label} delay, end of phrase -> detection (ms)':44s} {a:10.0f} {a2:10.0f} {b:13.0f}")
+
+    def false_alarms(result: dict) -> int:
+        return sum(len(s["first"]) for s in result["scenes"][n_pos:]) + sum(s["lead_alarms"] for s in result["scenes"])
+
+    print(f"{'false alarms (negative scenes, noise leads)':44s} {false_alarms(mine[1]):10d} "
+          f"{false_alarms(mine[2]):10d} {false_alarms(ref):13d}")
+    diff = max(abs(m["peaks"][k] - r["peaks"][k]) for m, r in zip(mine[1]["scenes"], ref["scenes"]) for k in m["peaks"])
     print(f"{'max |peak score difference| per scene':44s} {diff:10.4f}")
     print()
     print("cost target: <= 0.5x the library")
