@@ -4,6 +4,7 @@ onnxruntime is imported lazily so that the bus, the bridge and the CLI start wit
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
@@ -20,6 +21,8 @@ _MADV_RANDOM = 1  # Linux madvise advice: a page fault reads that page only, no 
 _MADV_PAGEOUT = 21  # Linux madvise advice: reclaim these pages now if they are clean (never discards data)
 _M_ARENA_MAX = -8  # glibc mallopt parameter: how many malloc arenas threads share
 MALLOC_ARENAS = 2
+# How often every process hands its freed heap back (trim_loop): well under the time between two requests.
+TRIM_EVERY_S = 5.0
 
 
 def choose_providers(available: Sequence[str], wanted: Sequence[str] | None = None) -> list[str]:
@@ -170,3 +173,14 @@ def return_memory_to_os(*mapped_files: Path) -> None:
     for mapped_file in mapped_files:
         page_out(MappedFile.of(mapped_file))
     libc.malloc_trim(0)
+
+
+async def trim_loop() -> None:
+    """return_memory_to_os every TRIM_EVERY_S, from the event loop. Units that run jobs trim at their end,
+    but work done in the event loop has no end: sys and the bridges route every microphone frame, kws
+    and vad score them as they come. Measured after 5 spoken questions, glibc was keeping freed pages
+    of 9.5 MB in kws (its load), 1.8 MB in sys and 1.6 MB in the bridge; malloc_trim takes well under
+    a millisecond on heaps that size."""
+    while True:
+        await asyncio.sleep(TRIM_EVERY_S)
+        return_memory_to_os()
