@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 
+from core.runtime import trim_loop
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ def ready(status: str) -> None:
 
 
 async def serve_until_stopped(status: str) -> None:
-    """READY with `status`, the watchdog, then wait for SIGTERM or SIGINT and say STOPPING: a face's
+    """READY with `status`, the watchdog and the heap trim, then wait for SIGTERM or SIGINT and say STOPPING: a face's
     main loop between its start and its close."""
     import signal
 
@@ -58,7 +60,8 @@ async def serve_until_stopped(status: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready(status)
-    watchdog = asyncio.create_task(watchdog_loop())
+    background = [asyncio.create_task(watchdog_loop()), asyncio.create_task(trim_loop())]
     await stop.wait()
     notify("STOPPING=1")
-    watchdog.cancel()
+    for task in background:
+        task.cancel()

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from core import logs, notify
+from core.runtime import trim_loop
 from core.settings import Settings, load_for_process
 from core.sys.broker import Broker
 
@@ -24,12 +25,13 @@ async def main_async(settings: Settings) -> int:
     await broker.ready.wait()
     notify.ready(f"sys on {broker.endpoint}")
     watchdog = asyncio.create_task(notify.watchdog_loop())
+    trimmer = asyncio.create_task(trim_loop())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([runner, stopper], return_when=asyncio.FIRST_COMPLETED)
     notify.notify("STOPPING=1")
-    for task in (runner, watchdog, stopper):
+    for task in (runner, watchdog, trimmer, stopper):
         task.cancel()
-    results = await asyncio.gather(runner, watchdog, stopper, return_exceptions=True)
+    results = await asyncio.gather(runner, watchdog, trimmer, stopper, return_exceptions=True)
     failure = results[0]
     if isinstance(failure, Exception) and not isinstance(failure, asyncio.CancelledError):
         log.error("sys broker failed", exc_info=failure)

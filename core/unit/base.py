@@ -22,7 +22,7 @@ from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_ref, split_board
 from core.manifest import ManifestStore, merge_params
-from core.runtime import limit_malloc_arenas, return_memory_to_os
+from core.runtime import limit_malloc_arenas, return_memory_to_os, trim_loop
 from core.settings import Settings, load_for_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
@@ -189,6 +189,7 @@ class Unit(Session, Generic[S]):
         receiver = asyncio.create_task(self.receive_loop())
         beat = asyncio.create_task(self.heartbeat_loop())
         watchdog = asyncio.create_task(notify.watchdog_loop())
+        trimmer = asyncio.create_task(trim_loop())
         stopper = asyncio.create_task(stop.wait())
         await self.registered.wait()  # READY=1 only once sys knows us (spec §19)
         notify.ready(f"{self.name} unit on {self.endpoint}")
@@ -196,9 +197,9 @@ class Unit(Session, Generic[S]):
         notify.notify("STOPPING=1")
         for task in list(self.tasks.values()):
             await self._exit_task(task, "unit stopping")
-        for t in (receiver, beat, watchdog, stopper, *self._background):
+        for t in (receiver, beat, watchdog, trimmer, stopper, *self._background):
             t.cancel()
-        await asyncio.gather(receiver, beat, watchdog, stopper, return_exceptions=True)
+        await asyncio.gather(receiver, beat, watchdog, trimmer, stopper, return_exceptions=True)
         self.close()
 
     def actions(self) -> list[str]:

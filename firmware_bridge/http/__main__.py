@@ -8,6 +8,7 @@ import logging
 import signal
 
 from core import logs, notify
+from core.runtime import trim_loop
 from core.settings import Settings
 from firmware_bridge.http.app import build
 from firmware_bridge.http.dbc import Registrar
@@ -91,7 +92,7 @@ async def main_async(settings: Settings) -> None:
     while not all(s.started for s in servers) and not any(t.done() for t in tasks):
         await asyncio.sleep(0.05)
     registrar = None
-    background = []
+    background = [asyncio.create_task(trim_loop())]
     if settings["http.dbc.enabled"] and any(listener.api == "openai" for listener in listeners):
         port = next(listener.port for listener in listeners if listener.api == "openai")
         url = (settings["http.public_url"] or f"http://{bind}:{port}").rstrip("/") + "/v1/chat/completions"

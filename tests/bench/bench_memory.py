@@ -5,8 +5,10 @@ gateway running as on a board) on a `unitbus up` stack, pushes N spoken question
 question, espeak-ng voices) through the audio unit's `capture` action, waits for each spoken answer to
 be synthesized whole (no tts audio for QUIET_S), and prints the proportional set size (PSS: shared pages
 split among the processes that map them, so the column adds up to what the stack costs the board) of
-every process between questions, and each process's peak resident size over the run (VmHWM: what it held
-while it worked, shared pages counted in full). The peer column is what the same units' model files weigh
+every process between questions, its growth from the first question to the last (after the first, every
+model and buffer a question needs is loaded: what a unit adds later is what it keeps per question), and
+each process's peak resident size over the run (VmHWM: what it held while it worked, shared pages counted
+in full). The peer column is what the same units' model files weigh
 on disk: a stack cannot cost less than the weights it runs, unless it maps them without touching them.
 
     python tests/bench/bench_memory.py [--questions 100]
@@ -156,13 +158,14 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"cpu: {cpu}, {os.cpu_count()} cores; {args.questions} questions in {elapsed:.0f} s")
-    print(f"{'process':10s} " + " ".join(f"{k + ' MB':>14s}" for k in rows) + f" {'peak RSS MB':>12s}"
-          + f" {'model files MB':>15s}")
+    first, last = rows["after 1"], rows[f"after {args.questions}"]
+    print(f"{'process':10s} " + " ".join(f"{k + ' MB':>14s}" for k in rows) + f" {'growth MB':>10s}"
+          + f" {'peak RSS MB':>12s} {'model files MB':>15s}")
     for name in names:
         print(f"{name:10s} " + " ".join(f"{rows[k].get(name, 0):14.1f}" for k in rows)
-              + f" {peaks.get(name, 0):12.1f} {weights.get(name, 0):15.1f}")
+              + f" {last.get(name, 0) - first.get(name, 0):+10.1f} {peaks.get(name, 0):12.1f} {weights.get(name, 0):15.1f}")
     print(f"{'total':10s} " + " ".join(f"{sum(r.values()):14.1f}" for r in rows.values())
-          + f" {'':12s} {sum(weights.values()):15.1f}")
+          + f" {sum(last.values()) - sum(first.values()):+10.1f} {'':12s} {sum(weights.values()):15.1f}")
 
 
 if __name__ == "__main__":

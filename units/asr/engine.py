@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.runtime import MappedFile, page_out
 from core.shared import Share, load_alone
 from models.bpe_tables import PieceTable
 
@@ -59,10 +60,11 @@ class _Model:
     suppress_begin: np.ndarray
     encoder_outputs: list[str]
     silence: dict[str, np.ndarray]  # every encoder output for a silent 30 s window (fp16)
+    token_table: tuple[MappedFile, int]  # the decoder's fp16 token embeddings: the head of its mapped data file
 
 
 def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> _Model:
-    from core.runtime import create_session, return_memory_to_os
+    from core.runtime import create_session, read_rows_only, return_memory_to_os
 
     config = json.loads((cache / "config.json").read_text())
     options = {"session.intra_op.allow_spinning": "1" if spin else "0"}
@@ -82,8 +84,11 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
                              shapes_vary=True, arena=False)
     # The weights are memory-mapped (models/whisper_ct2.py): the pages read to repack them, and the
     # token table's, need not stay resident; those used again are read back from the file.
-    for name in ("encoder.onnx.data", "decoder.onnx.data"):
-        return_memory_to_os(cache / name)
+    return_memory_to_os(*(cache / name for name in ("encoder.onnx.data", "decoder.onnx.data")))
+    # The decoder gathers one row of its token table per step (models/whisper_ct2.py writes the table
+    # first): only those pages, and transcribe() drops them again, or every token ever said stays mapped.
+    token_table = (MappedFile.of(cache / "decoder.onnx.data"), dims["n_vocab"] * dims["d_model"] * 2)
+    read_rows_only(*token_table)
     return _Model(
         encoder=encoder,
         decoder=decoder,
@@ -93,6 +98,7 @@ def _load_model(cache: Path, threads: int, decoder_threads: int, spin: bool) -> 
         suppress_begin=np.asarray(config.get("suppress_ids_begin", []), dtype=np.int64),
         encoder_outputs=[n for n in names if n.startswith("cross_")],
         silence=silence,
+        token_table=token_table,
     )
 
 
@@ -142,7 +148,10 @@ class AsrEngine:
         pcm = np.asarray(pcm).reshape(-1)
         if len(pcm) < HOP:
             return ""
-        tokens = self.decode(self.features(pcm))
+        try:
+            tokens = self.decode(self.features(pcm))
+        finally:
+            page_out(*self._m.token_table)
         return self._m.tokenizer.decode(tokens).strip()
 
     def decode(self, mel: np.ndarray) -> list[int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,29 @@ def test_endpointer_cuts_real_speech_into_utterances(asr_engine, spoken_commands
     assert [e.rule for e in speech] == [2, 2]
     texts = [asr_engine.transcribe(e.pcm) for e in speech]
     assert asr_speech.wer([(ref_a, texts[0]), (ref_b, texts[1])]) <= 0.15, texts
+
+
+def _resident_kb(mapped) -> int:
+    """Resident kB of this process's mappings of a core.runtime.MappedFile (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header line: range perms offset device inode [path]
+                inside = mapped.same(fields[3], fields[4])
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_token_table_pages_do_not_accumulate(asr_engine, spoken_commands):
+    """The decoder gathers its token rows from the memory-mapped table: each transcription's rows are
+    dropped after it, so new words do not add to what the process keeps (on kernels that cache files
+    in large folios, 2 MB per new token otherwise)."""
+    table = asr_engine._m.token_table[0]
+    asr_engine.transcribe(asr_speech.read_wav(spoken_commands[0][1]))
+    after_first = _resident_kb(table)
+    for _, path in spoken_commands[1:]:
+        asr_engine.transcribe(asr_speech.read_wav(path))
+    assert _resident_kb(table) <= after_first + 1024
