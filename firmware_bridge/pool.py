@@ -31,7 +31,8 @@ CATALOGUE_TTL_S = 2.0
 # With fleet.balance: an inference for any board of the fleet serving the model (docs/protocol.md, the fleet).
 BALANCED = "llm@*"
 
-# What a pool task of each unit kind is set up with (the bus work_id and the setup data).
+# What a pool task of each unit kind is set up with (the bus work_id and the setup data); a face serving
+# other units' models gives theirs to its pool (task_setup).
 TASK_SETUP: dict[str, tuple[str, dict[str, Any]]] = {
     "llm": ("llm", {"response_format": "llm.utf-8.stream", "input": "llm.utf-8", "enoutput": True}),
     "asr": ("whisper", {"response_format": "asr.utf-8", "input": "whisper.base64", "enoutput": True}),
@@ -122,13 +123,16 @@ class TaskPool:
     start and kept, set up with `preload_setup(manifest)` when given; with `abort_load_on_disconnect` a
     load stops when the request that started it is cancelled (otherwise it goes on, so a retry finds the
     model loaded); with `balance` (default: the fleet.balance setting) llm inferences go to `llm@*`, any
-    board of the fleet that serves the model, and nothing is loaded here for them."""
+    board of the fleet that serves the model, and nothing is loaded here for them. `task_setup` adds or
+    replaces entries of TASK_SETUP for this pool's unit kinds."""
 
     def __init__(self, settings: Settings, client: BusClient | None = None, *, name: str = "pool",
                  keep_alive: Any = "5m", max_queue: int = 8, preload: Iterable[str] = (),
                  preload_setup: Callable[[dict], dict[str, Any]] | None = None,
-                 abort_load_on_disconnect: bool = False, balance: bool | None = None):
+                 abort_load_on_disconnect: bool = False, balance: bool | None = None,
+                 task_setup: dict[str, tuple[str, dict[str, Any]]] | None = None):
         self.settings = settings
+        self.task_setup = {**TASK_SETUP, **(task_setup or {})}
         fleet_on = bool(settings.get("fleet.url") or settings.get("fleet.serve"))
         self.balance = fleet_on and bool(settings.get("fleet.balance")) if balance is None else balance
         self.balanced: dict[tuple[str, str], Served] = {}
@@ -179,7 +183,7 @@ class TaskPool:
         deadline = time.monotonic() + float(self.settings["timeouts.setup_s"])
         while True:
             try:
-                manifest = await self.find(name, tuple(TASK_SETUP))
+                manifest = await self.find(name, tuple(self.task_setup))
                 setup = self.preload_setup(manifest) if self.preload_setup is not None else None
                 await self.acquire(manifest, preload=True, setup=setup)
                 return
@@ -285,6 +289,9 @@ class TaskPool:
         """The loaded pool task of a model, loading it if needed. A load outlives the request that
         started it (the client may retry), unless abort_load_on_disconnect."""
         unit = manifest["type"]
+        if unit not in self.task_setup:
+            raise PoolError(ErrorCode.MODEL_LOADING, message=f"The model '{manifest['mode']}' is a {unit} model, "
+                                                             f"which {self.name} does not serve", param="model")
         key = (unit, manifest["mode"])
         if self.balance and unit == "llm":
             served = self.balanced.get(key)
@@ -326,7 +333,7 @@ class TaskPool:
 
     async def _load(self, served: Served, manifest: dict) -> None:
         assert served.ready is not None
-        bus_name, base = TASK_SETUP[served.unit]
+        bus_name, base = self.task_setup[served.unit]
         data = {**base, "model": manifest["mode"], "exit_on_disconnect": True, **served.setup}
         if served.unit == "llm":
             data["max_queue"] = self.max_queue
