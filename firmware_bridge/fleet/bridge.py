@@ -614,7 +614,8 @@ class FleetBridge:
         self._start_serving(req, self._serve)
 
     def _endpoint_stats(self, stats) -> dict:
-        return {"running": self.balanced_running, "slots": self.slots, **self.model_counts.get(stats.subject, {})}
+        counts = self.model_counts.get(stats.subject, {"accepted": 0, "busy": 0})  # none asked yet: both 0
+        return {"running": self.balanced_running, "slots": self.slots, **counts}
 
     async def _on_model(self, req) -> None:
         counts = self.model_counts.setdefault(req.subject, {"accepted": 0, "busy": 0})

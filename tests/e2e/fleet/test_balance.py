@@ -75,13 +75,17 @@ def test_a_board_without_the_llm_unit_hands_requests_on(two_boards, nats_server,
     try:
         wait_joined(a, "alpha", "beta", "gamma")
         with StackFlowClient(a.port, timeout=60) as c:
-            for n in range(6):
+            # NATS picks a board at random: until gamma has been offered one (each time 1 in 3), ask again.
+            for n in range(30):
                 c.send({"request_id": f"g{n}", "work_id": "llm@*", "action": "inference", "object": "llm.utf-8",
                         "data": {"model": MODEL, "input": "Name a color.", "setup": {"max_token_len": 8}}})
                 chunks = c.stream(f"g{n}")
                 assert all(m["error"]["code"] == 0 for m in chunks), chunks
                 assert not chunks[0]["work_id"].endswith("@gamma"), chunks
-        stats = asyncio.run(fleet_stats(nats_server.url))
+                stats = asyncio.run(fleet_stats(nats_server.url))
+                if n >= 5 and stats["gamma"][SUBJECT]["busy"]:
+                    break
         assert stats["gamma"][SUBJECT]["accepted"] == 0, stats["gamma"]
+        assert stats["gamma"][SUBJECT]["busy"] > 0, stats["gamma"]  # it was offered some and handed them on
     finally:
         assert gamma.stop(check=False) == 0
