@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from core.paths import resolve_pkg_url
 from core.runtime import create_session
 from models import openwakeword_stream as stream_graph
+from models.cache import source_stamp
 
 EMBEDDING = "pkg://openwakeword/resources/models/embedding_model.onnx"
 
@@ -57,11 +60,26 @@ def test_cache_is_reused_and_rebuilt_when_the_source_changes(tmp_path, monkeypat
     again, caches_again = stream_graph.cached_build(source)
     assert again == path and caches_again == caches and path.stat().st_mtime_ns == first_mtime
 
+    # The same file elsewhere, written later (the package in another checkout's virtualenv): reused.
+    elsewhere = tmp_path / "other-venv" / source.name
+    elsewhere.parent.mkdir()
+    shutil.copyfile(source, elsewhere)
+    os.utime(elsewhere, ns=(first_mtime + 10**9, first_mtime + 10**9))
+    assert stream_graph.cached_build(elsewhere)[0].stat().st_mtime_ns == first_mtime
+
+    # Another file under the same name and size (one byte changed at its end) has another stamp.
+    changed = tmp_path / "changed" / source.name
+    changed.parent.mkdir()
+    content = bytearray(source.read_bytes())
+    content[-1] ^= 0xFF
+    changed.write_bytes(bytes(content))
+    assert source_stamp([changed], 1) != source_stamp([source], 1) == source_stamp([elsewhere], 1)
+
     stamp_file = path.parent / "build.json"
     stamp = json.loads(stamp_file.read_text())
-    stamp["sources"][str(source)]["size"] += 1  # as if the source had been replaced
+    stamp["sources"][source.name]["sha256"] = "0" * 64  # as if it had been built from another file
     stamp_file.write_text(json.dumps(stamp))
     rebuilt, _ = stream_graph.cached_build(source)
-    assert json.loads((rebuilt.parent / "build.json").read_text())["sources"][str(source)]["size"] == source.stat().st_size
+    assert json.loads((rebuilt.parent / "build.json").read_text())["sources"][source.name]["sha256"] != "0" * 64
     assert rebuilt.stat().st_mtime_ns != first_mtime
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp folders left
