@@ -11,6 +11,7 @@ its command-line settings to the processes it starts.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -19,7 +20,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from core import rundir
 from core.rundir import RunDirError
@@ -236,6 +237,25 @@ def load_for_process(prog: str, config: str | None, overrides: Iterable[str]) ->
         print(f"{prog}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings
+
+
+def start_process(prog: str, description: str, argv: list[str] | None = None,
+                  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                  ) -> tuple[Settings, argparse.Namespace]:
+    """The command line every unitbus process takes (`--config`, `--set KEY=VALUE`, and what
+    `add_arguments` adds), its settings as load_for_process checks them, and its logging set up under
+    the process's short name (`prog` without "unitbus-")."""
+    from core import logs
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="path of unitbus.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = load_for_process(prog, args.config, args.set)
+    logs.configure(settings["log.level"], prog.removeprefix("unitbus-"))
+    return settings, args
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:

@@ -1,13 +1,12 @@
 """`python -m firmware_bridge`: the StackFlow bridge (TCP 10001 and the UART) as one bus client."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from core import logs, notify
+from core import notify
 from core.client import BusClient
-from core.settings import Settings, load_for_process
+from core.settings import Settings, start_process
 from firmware_bridge.tcp import TcpServer
 from firmware_bridge.uart import UartBridge
 
@@ -35,13 +34,9 @@ async def main_async(settings: Settings, uart_device: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-bridge", description="StackFlow over TCP and UART")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--uart", help="serial device (overrides uart.device and enables the UART)")
-    args = parser.parse_args(argv)
-    settings = load_for_process("unitbus-bridge", args.config, args.set)
-    logs.configure(settings["log.level"], "bridge")
+    settings, args = start_process(
+        "unitbus-bridge", "StackFlow over TCP and UART", argv,
+        lambda parser: parser.add_argument("--uart", help="serial device (overrides uart.device and enables the UART)"))
     asyncio.run(main_async(settings, args.uart))
 
 

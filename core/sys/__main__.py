@@ -1,15 +1,14 @@
 """`python -m core.sys`: the sys broker process."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
 
-from core import logs, notify
+from core import notify
 from core.runtime import trim_loop
-from core.settings import Settings, load_for_process
+from core.settings import Settings, start_process
 from core.sys.broker import Broker
 
 log = logging.getLogger("core.sys")
@@ -40,12 +39,7 @@ async def main_async(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-sys", description="the unitbus sys broker")
-    parser.add_argument("--config", help="path of unitbus.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    args = parser.parse_args(argv)
-    settings = load_for_process("unitbus-sys", args.config, args.set)
-    logs.configure(settings["log.level"], "sys")
+    settings, _ = start_process("unitbus-sys", "the unitbus sys broker", argv)
     sys.exit(asyncio.run(main_async(settings)))
 
 

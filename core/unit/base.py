@@ -8,7 +8,6 @@ table, per-task queues (core/unit/task.py), streamed-input reassembly, base64/WA
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -17,13 +16,13 @@ import sys
 import threading
 from typing import Any, Callable, ClassVar, Coroutine, Generic
 
-from core import bus, logs, notify
+from core import bus, notify
 from core.envelope import NONE, Request, Response, error_reply, reply
 from core.errors import ErrorCode, UnitError
 from core.ids import ObjectType, WorkId, is_task_ref, split_board
 from core.manifest import ManifestStore, merge_params
 from core.runtime import limit_malloc_arenas, return_memory_to_os, trim_loop
-from core.settings import Settings, load_for_process
+from core.settings import Settings, start_process
 from core.streams import StreamAssembler
 from core.supervisor import RESTART_EXIT
 from core.unit.inputs import check_link, check_source, inference_payload
@@ -169,12 +168,7 @@ class Unit(Session, Generic[S]):
     @classmethod
     def main(cls, argv: list[str] | None = None) -> None:
         limit_malloc_arenas()
-        parser = argparse.ArgumentParser(prog=f"unitbus-{cls.name}", description=f"the unitbus {cls.name} unit")
-        parser.add_argument("--config", help="path of unitbus.toml")
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        args = parser.parse_args(argv)
-        settings = load_for_process(f"unitbus-{cls.name}", args.config, args.set)
-        logs.configure(settings["log.level"], cls.name)
+        settings, _ = start_process(f"unitbus-{cls.name}", f"the unitbus {cls.name} unit", argv)
         unit = cls(settings)
         asyncio.run(unit.serve())
         sys.exit(unit.exit_code)

@@ -1,13 +1,12 @@
 """`python -m firmware_bridge.fleet`: the fleet bridge of this board (off unless fleet.url or fleet.serve)."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 
-from core import logs, notify
-from core.settings import Settings
+from core import notify
+from core.settings import Settings, start_process
 from firmware_bridge.fleet.bridge import FleetBridge
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,7 @@ async def main_async(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-fleet", description="this board's units on NATS")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
-    logs.configure(settings["log.level"], "fleet")
+    settings, _ = start_process("unitbus-fleet", "this board's units on NATS", argv)
     sys.exit(asyncio.run(main_async(settings)))
 
 

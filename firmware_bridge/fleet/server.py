@@ -7,7 +7,6 @@ links: to a hub (fleet.hub) and, on a hub, for its leaf nodes (fleet.leaf_listen
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -15,8 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from core import logs
-from core.settings import Settings
+from core.settings import Settings, start_process
 
 
 def server_binary() -> str:
@@ -99,12 +97,7 @@ def with_credentials(url: str, user: str, password: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-nats", description="the nats-server this board serves")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
-    logs.configure(settings["log.level"], "nats")
+    settings, _ = start_process("unitbus-nats", "the nats-server this board serves", argv)
     path = settings.run_dir() / "nats-server.conf"
     path.write_text(render_config(settings))
     path.chmod(0o600)  # it may hold the token

@@ -1,15 +1,14 @@
 """`python -m firmware_bridge.http`: every enabled HTTP listener in one process, one bus client of sys."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import signal
 
-from core import logs, notify
+from core import notify
 from core.runtime import trim_loop
-from core.settings import Settings
+from core.settings import Settings, start_process
 from firmware_bridge.http.app import build
 from firmware_bridge.http.dbc import Registrar
 from firmware_bridge.http.gateway import Gateway
@@ -115,12 +114,7 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-http", description="OpenAI, Ollama, Ai00 and Jan/Cortex gateways")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    settings = Settings.load(args.config, args.set)
-    logs.configure(settings["log.level"], "http")
+    settings, _ = start_process("unitbus-http", "OpenAI, Ollama, Ai00 and Jan/Cortex gateways", argv)
     asyncio.run(main_async(settings))
 
 

@@ -1,12 +1,11 @@
 """`python -m firmware_bridge.wyoming`: the Wyoming server, a bus client of sys like the HTTP gateways."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from core import logs, notify
-from core.settings import Settings, load_for_process
+from core import notify
+from core.settings import Settings, start_process
 from firmware_bridge.wyoming.server import WyomingServer
 
 log = logging.getLogger(__name__)
@@ -20,12 +19,7 @@ async def main_async(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="unitbus-wyoming", description="Wyoming server for Home Assistant")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    settings = load_for_process("unitbus-wyoming", args.config, args.set)
-    logs.configure(settings["log.level"], "wyoming")
+    settings, _ = start_process("unitbus-wyoming", "Wyoming server for Home Assistant", argv)
     asyncio.run(main_async(settings))
 
 

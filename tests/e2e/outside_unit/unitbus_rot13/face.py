@@ -3,13 +3,11 @@ through the bridges' shared task pool (loaded once, shared by every connection),
 comes back as a line, or `error <code>: <message>`."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 
-from core import logs
 from core.errors import UnitError
-from core.settings import Settings, load_for_process
+from core.settings import Settings, start_process
 from firmware_bridge.pool import TaskPool
 
 MODEL = "rot13"
@@ -42,12 +40,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="rot13line")
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    settings = load_for_process("rot13line", args.config, args.set)
-    logs.configure(settings["log.level"], "rot13line")
+    settings, _ = start_process("rot13line", "StackFlow-free rot13 lines over TCP", None)
     asyncio.run(serve(settings))
 
 
