@@ -21,11 +21,15 @@ STAMP = "build.json"
 
 
 def source_stamp(sources: Iterable[Path], version: int, **options: Any) -> dict[str, Any]:
-    """What a build depends on: each source file's path, size and mtime, the builder's version, options."""
+    """What a build depends on: each source file's path, size and mtime, the builder's version, options.
+
+    The path is resolved: checkouts that reach one virtualenv through a link share its builds instead of
+    each rebuilding them over the others'."""
     files = {}
     for path in sources:
-        st = Path(path).stat()
-        files[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        real = Path(path).resolve()
+        st = real.stat()
+        files[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"version": version, "sources": files, **options}
 
 
