@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# importlib.metadata: the entry points are read without it (core/registry.py).
-LEFT_OUT = {"importlib.metadata"}
+# ssl: asyncio's TLS transports, which these processes never open (core/notls.py); importlib.metadata: the
+# entry points are read without it (core/registry.py).
+LEFT_OUT = {"ssl", "importlib.metadata"}
 PROBE = """
 import runpy, sys
 runpy.run_module(sys.argv[1], run_name="imported")  # the process's own imports, without running it
