@@ -7,8 +7,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # ssl: asyncio's TLS transports, which these processes never open (core/notls.py); importlib.metadata: the
-# entry points are read without it (core/registry.py).
-LEFT_OUT = {"ssl", "importlib.metadata"}
+# entry points are read without it (core/registry.py); difflib: only a misspelt setting needs it.
+LEFT_OUT = {"ssl", "importlib.metadata", "difflib"}
 PROBE = """
 import runpy, sys
 runpy.run_module(sys.argv[1], run_name="imported")  # the process's own imports, without running it
