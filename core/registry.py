@@ -9,15 +9,21 @@ settings sections and the ports `unitbus up` waits for. unitbus's own are regist
 setup.cfg as any installed from elsewhere.
 
 A descriptor is read without starting its process, so it lives in the package's `__init__.py` and
-imports nothing heavy.
+imports nothing heavy. For the same reason the entry points are read from each distribution's
+entry_points.txt here rather than with importlib.metadata, which brings email, zipfile and csv into
+every process (1.6 MB each, nine processes in the voice stack); tests/core/test_entry_points.py keeps
+the two in agreement.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
+import os
+import re
+import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -95,22 +101,65 @@ def module_exists(module: str) -> bool:
         return False
 
 
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """(name, "module:object") of every entry point in `group`, from the distributions on sys.path.
+
+    Each distribution's entry_points.txt is read as importlib.metadata reads it (the first distribution of
+    a name on sys.path wins), without importing importlib.metadata: every process reads the entry points
+    for its settings, and that module brings email, zipfile and csv with it (1.6 MB in each process).
+    """
+    seen: set[str] = set()
+    found: list[tuple[str, str]] = []
+    for folder in sys.path:
+        try:
+            names = sorted(os.listdir(folder or "."))
+        except OSError:  # absent, or a zip file
+            continue
+        for name in names:
+            stem, _, kind = name.rpartition(".")
+            distribution = re.sub(r"[-_.]+", "_", stem.split("-")[0]).lower()
+            if kind not in ("dist-info", "egg-info") or distribution in seen:
+                continue
+            seen.add(distribution)
+            try:
+                text = Path(folder or ".", name, "entry_points.txt").read_text(encoding="utf-8")
+            except OSError:
+                continue
+            section = ""
+            for line in text.splitlines():
+                line = line.strip()
+                if line.startswith("["):
+                    section = line.strip("[]").strip()
+                elif section == group and "=" in line and not line.startswith(("#", ";")):
+                    key, _, value = line.partition("=")
+                    found.append((key.strip(), value.split("[")[0].strip()))  # extras ("[cuda]") need nothing
+    return found
+
+
+def load_entry_point(value: str) -> Any:
+    """The object an entry point's value names: "package.module:object.attribute"."""
+    module, _, attribute = value.partition(":")
+    obj: Any = importlib.import_module(module.strip())
+    for part in filter(None, attribute.strip().split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _entries(group: str, kind: type[Any], check: Callable[[Any], object]) -> dict[str, Any]:
     found: dict[str, Any] = {}
-    for entry in metadata.entry_points(group=group):
+    for name, value in entry_points(group):
         try:
-            info = entry.load()
+            info = load_entry_point(value)
         except Exception as exc:  # noqa: BLE001 - one broken package must not take the others down
-            log.error("%s entry point %s (%s) does not load: %s", group, entry.name, entry.value, exc)
+            log.error("%s entry point %s (%s) does not load: %s", group, name, value, exc)
             continue
-        if not isinstance(info, kind) or info.name != entry.name:
-            log.error("%s entry point %s (%s) is not a %s named %s", group, entry.name, entry.value,
-                      kind.__name__, entry.name)
+        if not isinstance(info, kind) or info.name != name:
+            log.error("%s entry point %s (%s) is not a %s named %s", group, name, value, kind.__name__, name)
             continue
         try:
             check(info)
         except SettingsError as exc:
-            log.error("%s entry point %s (%s): %s", group, entry.name, entry.value, exc)
+            log.error("%s entry point %s (%s): %s", group, name, value, exc)
             continue
         found.setdefault(info.name, info)
     return found

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-import tempfile
 from pathlib import Path
 
 KEY_FILE = "bus.key"
@@ -34,6 +33,8 @@ def default_path(run_writable: bool | None = None) -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "unitbus"
+    import tempfile  # here and in key(): with shutil and random, it is only needed on these paths
+
     return Path(tempfile.gettempdir()) / f"unitbus-{os.geteuid()}"  # predictable, so checked like the rest
 
 
@@ -61,6 +62,7 @@ def key(path: Path) -> str:
     file = path / KEY_FILE
     if not file.exists():
         import secrets  # here: it loads OpenSSL, which only the process creating the key needs
+        import tempfile
 
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".bus.key.")  # mkstemp files are 0600
         try:

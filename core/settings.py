@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -205,6 +204,8 @@ class Settings:
                 values[key] = coerce(key, value, defaults[key])
             else:
                 # A misspelt key would otherwise leave the setting at its default without a word.
+                import difflib  # here: only a misspelt key needs it, and every process loads settings
+
                 close = difflib.get_close_matches(key, defaults, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise SettingsError(f"{source}: unknown setting {key}{hint}")

@@ -1,6 +1,7 @@
 """`python -m firmware_bridge`: the StackFlow bridge (TCP 10001 and the UART) as one bus client."""
 from __future__ import annotations
 
+import core.notls  # noqa: F401  (before anything imports asyncio)
 import asyncio
 import logging
 

@@ -1,6 +1,7 @@
 """`python -m core.sys`: the sys broker process."""
 from __future__ import annotations
 
+import core.notls  # noqa: F401  (before anything imports asyncio)
 import asyncio
 import logging
 import signal

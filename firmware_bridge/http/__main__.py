@@ -9,6 +9,7 @@ import signal
 from core import notify
 from core.runtime import trim_loop
 from core.settings import Settings, start_process
+from firmware_bridge.http import nov1  # noqa: F401  (before FastAPI)
 from firmware_bridge.http.app import build
 from firmware_bridge.http.dbc import Registrar
 from firmware_bridge.http.gateway import Gateway

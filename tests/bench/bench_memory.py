@@ -42,11 +42,13 @@ MODULES = {"core.sys": "sys", "firmware_bridge.http": "http", "firmware_bridge":
 QUIET_S = 3.0  # no tts audio for this long after the llm's answer ended: the answer is all spoken
 
 
-def pss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def rollup_mb(pid: int) -> dict[str, float]:
+    """smaps_rollup's fields in MB: "Pss", "Private_Dirty", ..."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) / 1024
+    return fields
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -69,8 +71,11 @@ def processes(stack: Stack) -> dict[str, int]:
     return out
 
 
-def snapshot(stack: Stack) -> dict[str, float]:
-    return {name: pss_mb(pid) for name, pid in processes(stack).items()}
+def snapshot(stack: Stack) -> tuple[dict[str, float], dict[str, float]]:
+    """(PSS, private memory) of every process, by name."""
+    fields = {name: rollup_mb(pid) for name, pid in processes(stack).items()}
+    return ({name: f["Pss"] for name, f in fields.items()},
+            {name: f["Private_Clean"] + f["Private_Dirty"] for name, f in fields.items()})
 
 
 def model_files_mb() -> dict[str, float]:
@@ -131,7 +136,8 @@ def main() -> None:
                   {"audio.capture": "push", "audio.playback": "none", "up.http": "true",
                    **{f"http.{api}.port": str(free_port()) for api in ("openai", "ollama", "ai00", "cortex")}}).start(180)
     try:
-        rows = {"start": snapshot(stack)}
+        rows, private = {}, {}
+        rows["start"], private["start"] = snapshot(stack)
         with StackFlowClient(stack.port, timeout=120) as c:
             kws = voiceaudio.setup(c, "kws", {"model": "openwakeword", "response_format": "kws.bool",
                                               "input": "sys.pcm", "enoutput": True, "kws": "HEY JARVIS"}, "1")["work_id"]
@@ -147,8 +153,8 @@ def main() -> None:
             for n in range(args.questions):
                 ask(c, clips[n % len(clips)], llm, tts, n)
                 if n == 0:
-                    rows["after 1"] = snapshot(stack)
-            rows[f"after {args.questions}"] = snapshot(stack)
+                    rows["after 1"], private["after 1"] = snapshot(stack)
+            rows[f"after {args.questions}"], private[f"after {args.questions}"] = snapshot(stack)
             peaks = {name: peak_rss_mb(pid) for name, pid in processes(stack).items()}
             elapsed = time.monotonic() - started
     finally:
@@ -159,13 +165,18 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     print(f"cpu: {cpu}, {os.cpu_count()} cores; {args.questions} questions in {elapsed:.0f} s")
     first, last = rows["after 1"], rows[f"after {args.questions}"]
+    private_first, private_last = private["after 1"], private[f"after {args.questions}"]
     print(f"{'process':10s} " + " ".join(f"{k + ' MB':>14s}" for k in rows) + f" {'growth MB':>10s}"
-          + f" {'peak RSS MB':>12s} {'model files MB':>15s}")
+          + f" {'private growth':>15s} {'peak RSS MB':>12s} {'model files MB':>15s}")
     for name in names:
         print(f"{name:10s} " + " ".join(f"{rows[k].get(name, 0):14.1f}" for k in rows)
-              + f" {last.get(name, 0) - first.get(name, 0):+10.1f} {peaks.get(name, 0):12.1f} {weights.get(name, 0):15.1f}")
+              + f" {last.get(name, 0) - first.get(name, 0):+10.1f}"
+              + f" {private_last.get(name, 0) - private_first.get(name, 0):+15.1f}"
+              + f" {peaks.get(name, 0):12.1f} {weights.get(name, 0):15.1f}")
     print(f"{'total':10s} " + " ".join(f"{sum(r.values()):14.1f}" for r in rows.values())
-          + f" {sum(last.values()) - sum(first.values()):+10.1f} {'':12s} {sum(weights.values()):15.1f}")
+          + f" {sum(last.values()) - sum(first.values()):+10.1f}"
+          + f" {sum(private_last.values()) - sum(private_first.values()):+15.1f}"
+          + f" {'':12s} {sum(weights.values()):15.1f}")
 
 
 if __name__ == "__main__":
