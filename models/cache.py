@@ -44,6 +44,8 @@ def source_stamp(sources: Iterable[Path], version: int, **options: Any) -> dict[
     """What a build depends on: each source file's name, size and digest, the builder's version, options."""
     files = {}
     for path in map(Path, sources):
+        if path.name in files:  # keyed by name: two sources of one name would stand for one
+            raise ValueError(f"two sources named {path.name} in one build")
         files[path.name] = {"size": path.stat().st_size, "sha256": file_digest(path)}
     return {"version": version, "sources": files, **options}
 
