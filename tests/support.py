@@ -17,10 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def espeak_wav(text: str, out: Path, voice: str = "en-us", speed: int = 150) -> Path:
-    """Speech from the espeak-ng program, resampled by sox to a 16 kHz mono 16-bit WAV at `out`."""
+    """Speech from the espeak-ng program, resampled by sox to a 16 kHz mono 16-bit WAV at `out`.
+    sox's random dither is off (-D): the same text gives the same samples in every run, so a test's
+    scenes (placed with seeded noise after the speech's trimmed length) are the same from run to run."""
     raw = out.with_name(out.stem + ".raw.wav")
     subprocess.run(["espeak-ng", "-w", str(raw), "-v", voice, "-s", str(speed), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)], check=True, capture_output=True)
+    subprocess.run(["sox", "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)], check=True,
+                   capture_output=True)
     raw.unlink()
     return out
 
